@@ -1,0 +1,381 @@
+"""JSONL documents -> Pythia tokens -> packed ``seq_len`` samples -> one MDS dataset per domain.
+
+Two phases, both parallel over processes:
+
+1. *tokenize*: each input file is read by one worker, documents are tokenized in batches (the Rust
+   tokenizer uses the worker's share of the cores), EOS (id 0) is appended, and each domain's tokens
+   are appended to a local ``uint16`` file. A finished file is renamed into place atomically, so a
+   rerun after a crash skips it.
+2. *pack*: per domain, the files' token streams are concatenated in input order, cut into samples of
+   exactly ``seq_len`` tokens and written with ``MDSWriter`` (shards hashed, uploaded when remote).
+   The final partial sample is dropped and counted.
+
+Then the merged ``index.json`` and, last, ``manifest.json`` are written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from concurrent.futures import Future, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+
+import numpy as np
+
+from cpt import storage
+from cpt.cache import cache_dir
+from cpt.data import manifest as mf
+from cpt.data import sources
+from cpt.data import tokenizer as tk
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+DOMAIN_KEYS = {"pile": "meta.pile_set_name", "slimpajama": "meta.redpajama_set_name"}
+BATCH_BYTES = 1 << 20  # texts per encode_batch call, by size
+PACK_CHUNK = 1 << 22  # tokens read per step when packing
+
+
+@dataclass
+class ConvertResult:
+    """What a conversion wrote; tests and callers assert on it."""
+
+    split_root: str
+    manifest: mf.Manifest
+    files_converted: int
+    files_reused: int
+    seconds: float
+
+    @property
+    def tokens(self) -> int:
+        return sum(d.tokens for d in self.manifest.domains.values())
+
+    @property
+    def samples(self) -> int:
+        return sum(d.samples for d in self.manifest.domains.values())
+
+
+@dataclass
+class _FileTask:
+    index: int
+    path: str
+    out_dir: str  # local work folder for this file
+    tokenizer: str
+    domain_key: str
+    skip_bad_lines: bool
+
+
+@dataclass
+class _FileResult:
+    domains: dict[str, dict] = field(default_factory=dict)  # name -> DomainStats as dict
+    unattributed_skipped: dict[str, int] = field(default_factory=dict)
+
+
+def convert(
+    inputs: list[str],
+    output: str,
+    split: str,
+    tokenizer: str,
+    domain_key: str,
+    seq_len: int = 2048,
+    workers: int | None = None,
+    skip_bad_lines: bool = False,
+    size_limit: int | str = "64mb",
+    compression: str | None = None,
+    work_dir: str | None = None,
+    progress: bool = True,
+) -> ConvertResult:
+    """Convert JSONL files into ``<output>/<split>/<domain-slug>/`` MDS datasets plus a merged index.
+
+    ``domain_key`` is a dotted path into each JSON object, e.g. ``meta.pile_set_name``.
+    Raises ``InputError`` (file and line) on bad input unless ``skip_bad_lines``.
+    """
+    start = time.perf_counter()
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    if not domain_key or any(not part for part in domain_key.split(".")):
+        raise ValueError(f"domain_key must be a dotted key like 'meta.pile_set_name', got {domain_key!r}")
+    workers = workers or os.cpu_count() or 1
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+
+    info = tk.describe(tokenizer)
+    files = storage.expand(inputs)
+    for path in files:
+        sources.check_suffix(path)
+    split_root = storage.join(output, split)
+    storage.check_writable(split_root)
+    sizes = [storage.size(p) for p in files]
+
+    job = hashlib.sha256(
+        json.dumps([split_root, info.sha256, domain_key, skip_bad_lines, seq_len]).encode()
+    ).hexdigest()[:16]
+    work = work_dir or cache_dir("convert", job)
+    os.makedirs(work, exist_ok=True)
+    tasks = []
+    for i, (path, nbytes) in enumerate(zip(files, sizes)):
+        key = hashlib.sha256(f"{path}\0{nbytes}".encode()).hexdigest()[:16]
+        tasks.append(_FileTask(i, path, os.path.join(work, key), info.path, domain_key, skip_bad_lines))
+
+    todo = [t for t in tasks if not os.path.isfile(os.path.join(t.out_dir, "done.json"))]
+    log.info(
+        "converting %d files (%d already done in %s) with %d workers", len(files), len(tasks) - len(todo), work, workers
+    )
+    _run_tokenize(todo, workers, progress)
+    results = [_FileResult(**json.loads(open(os.path.join(t.out_dir, "done.json")).read())) for t in tasks]
+
+    domains: dict[str, mf.DomainStats] = {}
+    unattributed: dict[str, int] = {}
+    for res in results:
+        for name, stats in res.domains.items():
+            domains.setdefault(name, mf.DomainStats(slug=mf.slugify(name))).merge(mf.DomainStats(**stats))
+        for reason, n in res.unattributed_skipped.items():
+            unattributed[reason] = unattributed.get(reason, 0) + n
+    slugs: dict[str, str] = {}
+    for name, stats in domains.items():
+        if stats.slug in slugs:
+            raise ValueError(f"domains {slugs[stats.slug]!r} and {name!r} share the folder name {stats.slug!r}")
+        slugs[stats.slug] = name
+
+    packed = _run_pack(tasks, domains, split_root, seq_len, workers, size_limit, compression)
+    for name, (samples, tail) in packed.items():
+        domains[name].samples, domains[name].tail_tokens_dropped = samples, tail
+    _write_merged_index(split_root, [domains[n].slug for n in sorted(domains)])
+
+    manifest = mf.Manifest(
+        split=split,
+        seq_len=seq_len,
+        eos_id=info.eos_id,
+        domain_key=domain_key,
+        tokenizer_sha256=info.sha256,
+        vocab_size=info.vocab_size,
+        domains=domains,
+        unattributed_skipped=unattributed,
+        inputs=[{"path": p, "bytes": n} for p, n in zip(files, sizes)],
+    )
+    mf.write(split_root, manifest)
+    shutil.rmtree(work, ignore_errors=True)
+    return ConvertResult(split_root, manifest, len(todo), len(tasks) - len(todo), time.perf_counter() - start)
+
+
+# ---- phase 1: tokenize ---------------------------------------------------------------------------
+
+_progress_queue = None
+
+
+def _init_worker(threads: int, queue) -> None:
+    global _progress_queue
+    os.environ["RAYON_NUM_THREADS"] = str(threads)
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    _progress_queue = queue
+
+
+def _report(docs: int, tokens: int) -> None:
+    if _progress_queue is not None:
+        _progress_queue.put((docs, tokens))
+
+
+def _run_tokenize(tasks: list[_FileTask], workers: int, progress: bool) -> None:
+    if not tasks:
+        return
+    procs = min(workers, len(tasks))
+    ctx = get_context("spawn")
+    queue = ctx.Queue()
+    bar = _progress_bar(progress)
+    docs = tokens = 0
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(
+        procs, mp_context=ctx, initializer=_init_worker, initargs=(max(1, workers // procs), queue)
+    ) as pool:
+        futures: list[Future] = [pool.submit(_tokenize_file, t) for t in tasks]
+        pending = set(futures)
+        while pending:
+            _, pending = wait(pending, timeout=0.2)
+            while not queue.empty():
+                d, n = queue.get()
+                docs, tokens = docs + d, tokens + n
+                if bar is not None:
+                    bar.update(d)
+                    bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
+        if bar is not None:
+            bar.close()
+        for fut in futures:
+            fut.result()  # re-raise the first error (InputError names file and line)
+
+
+def _progress_bar(enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(desc="tokenize", unit=" doc", dynamic_ncols=True)
+
+
+def _lookup(obj: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(obj, dict) or part not in obj:
+            return None
+        obj = obj[part]
+    return obj
+
+
+def _parse(path: str, lineno: int, raw: bytes, domain_key: str) -> tuple[str | None, str | None, str | None, str]:
+    """-> (domain, text, skip_reason, detail). ``text`` is None when the line is skipped."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, None, "invalid_utf8", f"bytes are not UTF-8 ({exc.reason} at byte {exc.start})"
+    if not line.strip():
+        return None, None, "blank_line", "blank line"
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return None, None, "malformed_json", f"malformed JSON: {exc.msg} at column {exc.colno}"
+    if not isinstance(obj, dict):
+        return None, None, "malformed_json", f"expected a JSON object, got {type(obj).__name__}"
+    domain = _lookup(obj, domain_key)
+    if not isinstance(domain, str) or not domain:
+        return None, None, "missing_domain", f"missing or non-string domain key {domain_key!r}"
+    if "text" not in obj:
+        return domain, None, "missing_text", "missing key 'text'"
+    text = obj["text"]
+    if not isinstance(text, str):
+        return domain, None, "non_string_text", f"'text' is {type(text).__name__}, not a string"
+    if not text.strip():
+        return domain, None, "empty", "empty document"
+    return domain, text, None, ""
+
+
+def _tokenize_file(task: _FileTask) -> None:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(task.tokenizer)
+    eos = np.array([tok.token_to_id(tk.EOS_TOKEN)], dtype=np.uint16)
+    tmp = task.out_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    result = _FileResult()
+    stats: dict[str, mf.DomainStats] = {}
+    handles = {}
+    batch: list[tuple[str, str]] = []
+    batch_bytes = 0
+
+    def flush() -> None:
+        nonlocal batch, batch_bytes
+        if not batch:
+            return
+        encodings = tok.encode_batch_fast([t for _, t in batch], add_special_tokens=False)
+        n_tokens = 0
+        for (domain, _), enc in zip(batch, encodings):
+            ids = np.asarray(enc.ids, dtype=np.uint16)
+            fh = handles.get(domain)
+            if fh is None:
+                fh = handles[domain] = open(os.path.join(tmp, f"{mf.slugify(domain)}.bin"), "wb")
+            fh.write(ids.tobytes())
+            fh.write(eos.tobytes())
+            stats[domain].tokens += len(ids) + 1
+            n_tokens += len(ids) + 1
+        _report(len(batch), n_tokens)
+        batch, batch_bytes = [], 0
+
+    for lineno, raw in sources.iter_lines(task.path):
+        domain, text, reason, detail = _parse(task.path, lineno, raw, task.domain_key)
+        if domain is not None:
+            stats.setdefault(domain, mf.DomainStats(slug=mf.slugify(domain))).docs_read += 1
+        if reason is not None:
+            bad = reason not in ("empty", "blank_line")
+            if bad and not task.skip_bad_lines:
+                raise sources.InputError(
+                    task.path, lineno, reason, detail + " (use --skip-bad-lines to count and skip)"
+                )
+            if domain is None:
+                result.unattributed_skipped[reason] = result.unattributed_skipped.get(reason, 0) + 1
+            else:
+                stats[domain].skip(reason)
+            continue
+        stats[domain].docs_written += 1
+        batch.append((domain, text))
+        batch_bytes += len(raw)
+        if batch_bytes >= BATCH_BYTES:
+            flush()
+    flush()
+    for fh in handles.values():
+        fh.close()
+    result.domains = {name: asdict(s) for name, s in stats.items()}
+    with open(os.path.join(tmp, "done.json"), "w") as fh:
+        json.dump(asdict(result), fh)
+    shutil.rmtree(task.out_dir, ignore_errors=True)
+    os.replace(tmp, task.out_dir)
+
+
+# ---- phase 2: pack -------------------------------------------------------------------------------
+
+
+def _run_pack(tasks, domains, split_root, seq_len, workers, size_limit, compression) -> dict[str, tuple[int, int]]:
+    jobs = {}
+    for name, stats in sorted(domains.items()):
+        parts = [os.path.join(t.out_dir, f"{stats.slug}.bin") for t in tasks]
+        jobs[name] = ([p for p in parts if os.path.isfile(p)], storage.join(split_root, stats.slug))
+    if workers == 1 or len(jobs) == 1:
+        return {name: _pack_domain(parts, out, seq_len, size_limit, compression) for name, (parts, out) in jobs.items()}
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=get_context("spawn")) as pool:
+        futures = {
+            name: pool.submit(_pack_domain, parts, out, seq_len, size_limit, compression)
+            for name, (parts, out) in jobs.items()
+        }
+        return {name: fut.result() for name, fut in futures.items()}
+
+
+def _pack_domain(parts: list[str], out: str, seq_len: int, size_limit, compression) -> tuple[int, int]:
+    """Concatenate token files in order, write full samples; -> (samples, tail tokens dropped)."""
+    from streaming import MDSWriter
+
+    if storage.is_s3(out):
+        local = os.path.join(cache_dir("convert-upload"), hashlib.sha256(out.encode()).hexdigest()[:16])
+        shutil.rmtree(local, ignore_errors=True)
+        target = (local, out)
+    else:
+        shutil.rmtree(out, ignore_errors=True)
+        target = out
+    samples = 0
+    carry = np.empty(0, dtype=np.uint16)
+    with MDSWriter(
+        out=target,
+        columns={mf.COLUMN: f"ndarray:{mf.DTYPE}"},
+        compression=compression,
+        hashes=["sha1", "xxh64"],
+        size_limit=size_limit,
+        exist_ok=True,
+        progress_bar=False,
+    ) as writer:
+        for part in parts:
+            data = np.memmap(part, dtype=np.uint16, mode="r") if os.path.getsize(part) else np.empty(0, np.uint16)
+            for start in range(0, len(data), PACK_CHUNK):
+                chunk = np.concatenate([carry, data[start : start + PACK_CHUNK]])
+                full = len(chunk) // seq_len * seq_len
+                for row in chunk[:full].reshape(-1, seq_len):
+                    writer.write({mf.COLUMN: row})
+                samples += full // seq_len
+                carry = chunk[full:].copy()
+            del data
+    return samples, len(carry)
+
+
+def _write_merged_index(split_root: str, slugs: list[str]) -> None:
+    """One ``index.json`` over every domain's shards, so the whole split streams as one dataset."""
+    shards = []
+    for slug in slugs:
+        index = json.loads(storage.read_bytes(storage.join(split_root, slug, "index.json")))
+        for shard in index["shards"]:
+            for key in ("raw_data", "zip_data"):
+                if shard.get(key):
+                    shard[key]["basename"] = f"{slug}/{shard[key]['basename']}"
+            shards.append(shard)
+    storage.write_bytes(storage.join(split_root, "index.json"), json.dumps({"version": 2, "shards": shards}).encode())

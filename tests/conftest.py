@@ -1,0 +1,98 @@
+"""Shared fixtures: a real S3-compatible server on loopback, the Pythia tokenizer, a tiny Pythia folder."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+SAMPLE = SHARED_DATA / "redpajama-sample" / "slimpajama_sample.jsonl"
+TOKENIZER = ROOT / "cpt" / "assets" / "tokenizer.json"
+
+_CLOUD_VARS = (
+    "AWS_PROFILE",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_ROLE_ARN",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server in HTTP mode on 127.0.0.1; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    for var in _CLOUD_VARS:
+        os.environ.pop(var, None)
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ["S3_ENDPOINT_URL"] = endpoint
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A fresh, empty bucket; yields ``s3://<bucket>``."""
+    import boto3
+
+    name = f"cpt-test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CPT_CACHE", str(tmp_path / "cpt-cache"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path() -> str:
+    return str(TOKENIZER)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_path):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(tokenizer_path)
+
+
+@pytest.fixture(scope="session")
+def sample_jsonl() -> Path:
+    if not SAMPLE.is_file():
+        pytest.skip(f"real RedPajama sample not present at {SAMPLE} (../shared/data is absent)")
+    return SAMPLE
+
+
+@pytest.fixture(scope="session")
+def tiny_pythia(tmp_path_factory) -> str:
+    """A 2-layer GPT-NeoX with Pythia's vocabulary, saved like a Pythia step folder."""
+    from cpt.model import save_tiny_pythia
+
+    out = tmp_path_factory.mktemp("pythia-tiny") / "step143000"
+    save_tiny_pythia(str(out), seed=0)
+    return str(out)
