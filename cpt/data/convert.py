@@ -21,7 +21,7 @@ import logging
 import os
 import shutil
 import time
-from concurrent.futures import Future, ProcessPoolExecutor, wait
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 DOMAIN_KEYS = {"pile": "meta.pile_set_name", "slimpajama": "meta.redpajama_set_name"}
-BATCH_BYTES = 1 << 20  # texts per encode_batch call, by size
+BATCH_BYTES = 4 << 20  # texts per encode_batch call, by size
 PACK_CHUNK = 1 << 22  # tokens read per step when packing
 
 
@@ -128,23 +128,15 @@ def convert(
     log.info(
         "converting %d files (%d already done in %s) with %d workers", len(files), len(tasks) - len(todo), work, workers
     )
-    _run_tokenize(todo, workers, progress)
-    results = [_FileResult(**json.loads(open(os.path.join(t.out_dir, "done.json")).read())) for t in tasks]
-
-    domains: dict[str, mf.DomainStats] = {}
-    unattributed: dict[str, int] = {}
-    for res in results:
-        for name, stats in res.domains.items():
-            domains.setdefault(name, mf.DomainStats(slug=mf.slugify(name))).merge(mf.DomainStats(**stats))
-        for reason, n in res.unattributed_skipped.items():
-            unattributed[reason] = unattributed.get(reason, 0) + n
-    slugs: dict[str, str] = {}
-    for name, stats in domains.items():
-        if stats.slug in slugs:
-            raise ValueError(f"domains {slugs[stats.slug]!r} and {name!r} share the folder name {stats.slug!r}")
-        slugs[stats.slug] = name
-
-    packed = _run_pack(tasks, domains, split_root, seq_len, workers, size_limit, compression)
+    ctx = get_context("spawn")
+    queue = ctx.Queue()
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,))
+    try:
+        _run_tokenize(pool, queue, todo, workers, progress)
+        domains, unattributed = _gather(tasks)
+        packed = _run_pack(pool, tasks, domains, split_root, seq_len, size_limit, compression)
+    finally:
+        pool.shutdown(cancel_futures=True)
     for name, (samples, tail) in packed.items():
         domains[name].samples, domains[name].tail_tokens_dropped = samples, tail
     _write_merged_index(split_root, [domains[n].slug for n in sorted(domains)])
@@ -165,15 +157,32 @@ def convert(
     return ConvertResult(split_root, manifest, len(todo), len(tasks) - len(todo), time.perf_counter() - start)
 
 
+def _gather(tasks: list[_FileTask]) -> tuple[dict[str, mf.DomainStats], dict[str, int]]:
+    """Sum the per-file counts into per-domain stats; check that domain folder names are distinct."""
+    domains: dict[str, mf.DomainStats] = {}
+    unattributed: dict[str, int] = {}
+    for task in tasks:
+        with open(os.path.join(task.out_dir, "done.json")) as fh:
+            res = _FileResult(**json.load(fh))
+        for name, stats in res.domains.items():
+            domains.setdefault(name, mf.DomainStats(slug=mf.slugify(name))).merge(mf.DomainStats(**stats))
+        for reason, n in res.unattributed_skipped.items():
+            unattributed[reason] = unattributed.get(reason, 0) + n
+    slugs: dict[str, str] = {}
+    for name, stats in sorted(domains.items()):
+        if stats.slug in slugs:
+            raise ValueError(f"domains {slugs[stats.slug]!r} and {name!r} share the folder name {stats.slug!r}")
+        slugs[stats.slug] = name
+    return domains, unattributed
+
+
 # ---- phase 1: tokenize ---------------------------------------------------------------------------
 
 _progress_queue = None
 
 
-def _init_worker(threads: int, queue) -> None:
+def _init_worker(queue) -> None:
     global _progress_queue
-    os.environ["RAYON_NUM_THREADS"] = str(threads)
-    os.environ["TOKENIZERS_PARALLELISM"] = "true"
     _progress_queue = queue
 
 
@@ -182,32 +191,27 @@ def _report(docs: int, tokens: int) -> None:
         _progress_queue.put((docs, tokens))
 
 
-def _run_tokenize(tasks: list[_FileTask], workers: int, progress: bool) -> None:
+def _run_tokenize(pool, queue, tasks: list[_FileTask], workers: int, progress: bool) -> None:
     if not tasks:
         return
-    procs = min(workers, len(tasks))
-    ctx = get_context("spawn")
-    queue = ctx.Queue()
+    threads = max(1, workers // min(workers, len(tasks)))  # cores per file when files are fewer than workers
     bar = _progress_bar(progress)
     docs = tokens = 0
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(
-        procs, mp_context=ctx, initializer=_init_worker, initargs=(max(1, workers // procs), queue)
-    ) as pool:
-        futures: list[Future] = [pool.submit(_tokenize_file, t) for t in tasks]
-        pending = set(futures)
-        while pending:
-            _, pending = wait(pending, timeout=0.2)
-            while not queue.empty():
-                d, n = queue.get()
-                docs, tokens = docs + d, tokens + n
-                if bar is not None:
-                    bar.update(d)
-                    bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
-        if bar is not None:
-            bar.close()
-        for fut in futures:
-            fut.result()  # re-raise the first error (InputError names file and line)
+    futures: list[Future] = [pool.submit(_tokenize_file, t, threads) for t in tasks]
+    pending = set(futures)
+    while pending:
+        _, pending = wait(pending, timeout=0.2)
+        while not queue.empty():
+            d, n = queue.get()
+            docs, tokens = docs + d, tokens + n
+            if bar is not None:
+                bar.update(d)
+                bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
+    if bar is not None:
+        bar.close()
+    for fut in futures:
+        fut.result()  # re-raise the first error (InputError names file and line)
 
 
 def _progress_bar(enabled: bool):
@@ -253,7 +257,8 @@ def _parse(path: str, lineno: int, raw: bytes, domain_key: str) -> tuple[str | N
     return domain, text, None, ""
 
 
-def _tokenize_file(task: _FileTask) -> None:
+def _tokenize_file(task: _FileTask, threads: int) -> None:
+    os.environ["RAYON_NUM_THREADS"] = str(threads)  # read when this process first encodes
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(task.tokenizer)
@@ -267,13 +272,13 @@ def _tokenize_file(task: _FileTask) -> None:
     batch: list[tuple[str, str]] = []
     batch_bytes = 0
 
-    def flush() -> None:
-        nonlocal batch, batch_bytes
-        if not batch:
-            return
-        encodings = tok.encode_batch_fast([t for _, t in batch], add_special_tokens=False)
+    # encode batch k on a thread (the Rust tokenizer releases the GIL) while batch k+1 is parsed
+    encoder = ThreadPoolExecutor(1)
+    pending: tuple[list[tuple[str, str]], Future] | None = None
+
+    def write(done: list[tuple[str, str]], encodings) -> None:
         n_tokens = 0
-        for (domain, _), enc in zip(batch, encodings):
+        for (domain, _), enc in zip(done, encodings):
             ids = np.asarray(enc.ids, dtype=np.uint16)
             fh = handles.get(domain)
             if fh is None:
@@ -282,8 +287,17 @@ def _tokenize_file(task: _FileTask) -> None:
             fh.write(eos.tobytes())
             stats[domain].tokens += len(ids) + 1
             n_tokens += len(ids) + 1
-        _report(len(batch), n_tokens)
-        batch, batch_bytes = [], 0
+        _report(len(done), n_tokens)
+
+    def flush() -> None:
+        nonlocal batch, batch_bytes, pending
+        submitted = None
+        if batch:
+            texts = [t for _, t in batch]
+            submitted = (batch, encoder.submit(tok.encode_batch_fast, texts, add_special_tokens=False))
+        if pending is not None:
+            write(pending[0], pending[1].result())
+        pending, batch, batch_bytes = submitted, [], 0
 
     for lineno, raw in sources.iter_lines(task.path):
         domain, text, reason, detail = _parse(task.path, lineno, raw, task.domain_key)
@@ -306,6 +320,8 @@ def _tokenize_file(task: _FileTask) -> None:
         if batch_bytes >= BATCH_BYTES:
             flush()
     flush()
+    flush()
+    encoder.shutdown()
     for fh in handles.values():
         fh.close()
     result.domains = {name: asdict(s) for name, s in stats.items()}
@@ -318,19 +334,14 @@ def _tokenize_file(task: _FileTask) -> None:
 # ---- phase 2: pack -------------------------------------------------------------------------------
 
 
-def _run_pack(tasks, domains, split_root, seq_len, workers, size_limit, compression) -> dict[str, tuple[int, int]]:
-    jobs = {}
+def _run_pack(pool, tasks, domains, split_root, seq_len, size_limit, compression) -> dict[str, tuple[int, int]]:
+    futures = {}
     for name, stats in sorted(domains.items()):
         parts = [os.path.join(t.out_dir, f"{stats.slug}.bin") for t in tasks]
-        jobs[name] = ([p for p in parts if os.path.isfile(p)], storage.join(split_root, stats.slug))
-    if workers == 1 or len(jobs) == 1:
-        return {name: _pack_domain(parts, out, seq_len, size_limit, compression) for name, (parts, out) in jobs.items()}
-    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=get_context("spawn")) as pool:
-        futures = {
-            name: pool.submit(_pack_domain, parts, out, seq_len, size_limit, compression)
-            for name, (parts, out) in jobs.items()
-        }
-        return {name: fut.result() for name, fut in futures.items()}
+        parts = [p for p in parts if os.path.isfile(p)]
+        out = storage.join(split_root, stats.slug)
+        futures[name] = pool.submit(_pack_domain, parts, out, seq_len, size_limit, compression)
+    return {name: fut.result() for name, fut in futures.items()}
 
 
 def _pack_domain(parts: list[str], out: str, seq_len: int, size_limit, compression) -> tuple[int, int]:

@@ -1,0 +1,167 @@
+"""Conversion throughput on the real RedPajama sample, against two references, in one run.
+
+    python benchmarks/convert.py [--copies 16] [--workers N]
+
+The sample is replicated ``--copies`` times into as many files, so fixed start-up costs (process
+spawn, importing mosaicml-streaming) are amortised as they are on a real corpus. Every rate has the
+same numerator: the document tokens of the same texts (EOS excluded).
+
+- raw: ``tokenizers.Tokenizer.encode_batch`` over all texts in memory, RAYON_NUM_THREADS=workers;
+- llm-foundry: ``convert_dataset_json`` (concat 2048) over the plain JSONL, local output;
+- cpt: ``cpt.data.convert.convert`` from ``.jsonl.zst`` on a loopback S3 server to MDS on that server
+  (decompression, tokenization, packing, hashing and upload included).
+
+Then peak memory of cpt's conversion at 1x, 4x and 16x the input, to show it stays flat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT.parent / "shared" / "data" / "redpajama-sample" / "slimpajama_sample.jsonl"
+TOKENIZER = ROOT / "cpt" / "assets" / "tokenizer.json"
+KEY = "meta.redpajama_set_name"
+
+RAW = """
+import json, os, sys, time
+from tokenizers import Tokenizer
+tok = Tokenizer.from_file(sys.argv[1])
+texts = [json.loads(l)["text"] for f in sys.argv[2:] for l in open(f, encoding="utf-8")]
+texts = [t for t in texts if t.strip()]  # cpt counts whitespace-only documents as empty
+for name in ("encode_batch", "encode_batch_fast"):
+    t = time.perf_counter(); enc = getattr(tok, name)(texts, add_special_tokens=False); dt = time.perf_counter() - t
+    print(json.dumps({"name": name, "tokens": sum(len(e.ids) for e in enc), "seconds": dt}))
+"""
+
+FOUNDRY = """
+import json, sys, time
+from llmfoundry.command_utils.data_prep.convert_dataset_json import convert_dataset_json
+t = time.perf_counter()
+convert_dataset_json(path=sys.argv[1], out_root=sys.argv[2], compression=None, concat_tokens=2048, split="train",
+                     tokenizer=sys.argv[3], eos_text="<|endoftext|>")
+print(json.dumps({"seconds": time.perf_counter() - t}))
+"""
+
+PEAK = """
+import json, resource, sys, time
+from cpt.data.convert import convert
+t = time.perf_counter()
+r = convert(sys.argv[1:-1], sys.argv[-1], "train", "{tok}", "{key}", workers={workers}, progress=False)
+self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(json.dumps({{"tokens": r.tokens, "seconds": time.perf_counter() - t, "main_mb": self_kb / 1024,
+                  "worker_mb": child_kb / 1024}}))
+"""
+
+
+def run_py(code: str, *args: str, env: dict | None = None) -> list[dict]:
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-3000:])
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--copies", type=int, default=16)
+    ap.add_argument("--workers", type=int, default=os.cpu_count())
+    args = ap.parse_args()
+    if not SAMPLE.is_file():
+        sys.exit(f"the real sample is missing: {SAMPLE}")
+    import zstandard
+    from moto.server import ThreadedMotoServer
+
+    tmp = Path(tempfile.mkdtemp(prefix="cpt-bench-"))
+    os.environ.update(
+        CPT_CACHE=str(tmp / "cache"), AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="x", AWS_DEFAULT_REGION="us-east-1"
+    )
+    data = SAMPLE.read_bytes()
+    plain, zst = tmp / "plain", tmp / "zst"
+    plain.mkdir()
+    zst.mkdir()
+    for i in range(args.copies):
+        (plain / f"part-{i:03d}.jsonl").write_bytes(data)
+        (zst / f"part-{i:03d}.jsonl.zst").write_bytes(zstandard.ZstdCompressor(level=3).compress(data))
+    files = sorted(str(p) for p in plain.iterdir())
+    print(
+        f"input: {args.copies} x {SAMPLE.name} ({len(data) * args.copies / 1e6:.1f} MB), workers={args.workers}, "
+        f"cores={os.cpu_count()}"
+    )
+
+    env = {**os.environ, "RAYON_NUM_THREADS": str(args.workers), "TOKENIZERS_PARALLELISM": "true"}
+    raw = {r["name"]: r for r in run_py(RAW, str(TOKENIZER), *files, env=env)}
+    tokens = raw["encode_batch"]["tokens"]
+    rates = {name: tokens / r["seconds"] for name, r in raw.items()}
+
+    hf = tmp / "hf-tokenizer"
+    hf.mkdir()
+    (hf / "tokenizer.json").write_bytes(TOKENIZER.read_bytes())
+    (hf / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "GPTNeoXTokenizerFast", "eos_token": "<|endoftext|>"})
+    )
+    foundry = run_py(FOUNDRY, str(plain), str(tmp / "foundry-out"), str(hf))[-1]
+    rates["llm-foundry convert_dataset_json"] = tokens / foundry["seconds"]
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ["S3_ENDPOINT_URL"] = f"http://{host}:{port}"
+    import boto3
+
+    from cpt.data.convert import convert
+
+    s3 = boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"])
+    s3.create_bucket(Bucket="bench")
+    for p in sorted(zst.iterdir()):
+        s3.upload_file(str(p), "bench", f"raw/{p.name}")
+    t = time.perf_counter()
+    result = convert(
+        ["s3://bench/raw/*.jsonl.zst"],
+        "s3://bench/mds",
+        "train",
+        str(TOKENIZER),
+        KEY,
+        workers=args.workers,
+        progress=False,
+    )
+    seconds = time.perf_counter() - t
+    docs = sum(d.docs_written for d in result.manifest.domains.values())
+    assert result.tokens - docs == tokens, (result.tokens - docs, tokens)
+    rates["cpt convert (s3 zst -> s3 MDS)"] = tokens / seconds
+    server.stop()
+
+    print(f"\n{'pipeline':<38} {'tokens/s':>12} {'vs raw encode_batch':>20}")
+    for name, rate in rates.items():
+        print(f"{name:<38} {rate:>12,.0f} {rate / rates['encode_batch']:>19.2f}x")
+    cpt_rate = rates["cpt convert (s3 zst -> s3 MDS)"]
+    print(f"\ncpt / raw encode_batch = {cpt_rate / rates['encode_batch']:.2f}  (target >= 0.90)")
+    print(f"cpt / llm-foundry      = {cpt_rate / rates['llm-foundry convert_dataset_json']:.2f}")
+
+    print(f"\n{'input':>8} {'tokens':>12} {'seconds':>8} {'main peak MB':>13} {'worker peak MB':>15}")
+    code = PEAK.format(tok=TOKENIZER, key=KEY, workers=args.workers)
+    for copies in (1, 4, 16):
+        r = run_py(code, *_copies(plain, copies), str(tmp / f"peak-{copies}"))[-1]
+        print(f"{copies:>7}x {r['tokens']:>12,} {r['seconds']:>8.1f} {r['main_mb']:>13.0f} {r['worker_mb']:>15.0f}")
+
+
+def _copies(plain: Path, copies: int) -> list[str]:
+    folder = plain.parent / f"copies-{copies}"
+    folder.mkdir(exist_ok=True)
+    data = (plain / "part-000.jsonl").read_bytes()
+    for i in range(copies):
+        (folder / f"part-{i:03d}.jsonl").write_bytes(data)
+    return [str(folder / "*.jsonl")]
+
+
+if __name__ == "__main__":
+    main()
