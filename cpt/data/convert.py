@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import queue as _queue
 import shutil
 import time
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
@@ -128,9 +129,13 @@ def convert(
     log.info(
         "converting %d files (%d already done in %s) with %d workers", len(files), len(tasks) - len(todo), work, workers
     )
-    ctx = get_context("spawn")
-    queue = ctx.Queue()
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,))
+    if workers == 1:  # in this process: no spawn, no second import of mosaicml-streaming
+        queue, pool = _queue.Queue(), _InlinePool()
+        _init_worker(queue)
+    else:
+        ctx = get_context("spawn")
+        queue = ctx.Queue()
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,))
     try:
         _run_tokenize(pool, queue, todo, workers, progress)
         domains, unattributed = _gather(tasks)
@@ -179,6 +184,21 @@ def _gather(tasks: list[_FileTask]) -> tuple[dict[str, mf.DomainStats], dict[str
 # ---- phase 1: tokenize ---------------------------------------------------------------------------
 
 _progress_queue = None
+
+
+class _InlinePool:
+    """``submit`` runs the call at once, in this process."""
+
+    def submit(self, fn, *args) -> Future:
+        fut: Future = Future()
+        try:
+            fut.set_result(fn(*args))
+        except Exception as exc:  # delivered through fut.result(), as a process pool would
+            fut.set_exception(exc)
+        return fut
+
+    def shutdown(self, cancel_futures: bool = False) -> None:
+        pass
 
 
 def _init_worker(queue) -> None:
