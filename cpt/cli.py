@@ -1,0 +1,82 @@
+"""``cpt``: convert, schedule, train. Each subcommand is a few lines over the modules that do the work."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from cpt import config as C
+
+
+def _schedule(args: argparse.Namespace) -> int:
+    from cpt.optim import preview as P
+
+    paths = [args.config, *(args.compare or [])]
+    previews = []
+    for i, path in enumerate(paths):
+        overrides = args.overrides if i == 0 else []
+        cfg = C.load(path, overrides)
+        C.check(cfg, path)
+        label = " ".join([os.path.splitext(os.path.basename(path))[0], *overrides])
+        previews.append(P.preview(cfg, label, path))
+    for p in previews:
+        print(P.describe(p))
+    if args.csv:
+        P.write_csv(previews, args.csv)
+        print(f"wrote {args.csv}")
+    if args.png:
+        P.write_png(previews, args.png)
+        print(f"wrote {args.png}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from cpt.data.cli import run
+
+    return run(args, args.corpus)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from cpt.train import train_from_yaml
+
+    train_from_yaml(args.config, args.overrides)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cpt", description="Continual pre-training of Pythia models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("schedule", help="preview a train config's learning-rate schedule (no GPU needed)")
+    p.add_argument("config", help="train YAML, the same file training uses")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, as for training")
+    p.add_argument("--csv", help="write the LR curve against tokens as CSV")
+    p.add_argument("--png", help="write the LR curve as a PNG plot with phases marked")
+    p.add_argument("--compare", nargs="+", metavar="YAML", help="overlay these configs' schedules")
+    p.set_defaults(fn=_schedule)
+
+    from cpt.data.cli import add_arguments
+
+    p = sub.add_parser("convert", help="convert Pile or SlimPajama JSONL into per-domain MDS")
+    add_arguments(p, None)
+    p.set_defaults(fn=_convert)
+
+    p = sub.add_parser("train", help="train one process (use `composer -n N -m cpt.train` for N GPUs)")
+    p.add_argument("config", help="train YAML")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.set_defaults(fn=_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except C.ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""The train YAML: llm-foundry's keys plus one strict ``cpt:`` section, expanded into llm-foundry's config.
+
+A train YAML is what ``cpt train``, ``composer -m cpt.train``, ``cpt schedule`` and ``cpt sweep`` all read,
+with the same ``key=value`` overrides (OmegaConf dot-list, as llm-foundry's own train script takes).
+``cpt`` owns ``model``, ``tokenizer``, ``train_loader`` and ``eval_loaders``: it builds them from the
+``cpt:`` section. Every other top-level key must be one of llm-foundry's ``TrainConfig`` fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, get_args, get_origin, get_type_hints
+
+from omegaconf import DictConfig, OmegaConf
+
+OWNED = ("model", "tokenizer", "train_loader", "eval_loader", "eval_loaders")
+
+
+class ConfigError(ValueError):
+    """A bad config: the message names the file and the key."""
+
+
+@dataclass
+class Source:
+    """One training stream: an MDS split written by ``convert/`` and its share of the mixture."""
+
+    path: str
+    proportion: float = 1.0
+
+
+@dataclass
+class EvalDataset:
+    path: str  # an MDS split with a manifest.json, e.g. s3://bucket/pile/val
+    blends: dict[str, dict[str, float]] = field(default_factory=dict)  # name -> {domain: weight}
+
+
+@dataclass
+class Eval:
+    datasets: dict[str, EvalDataset] = field(default_factory=dict)
+    tokens_per_domain: int | None = None  # budget per domain per evaluation; None: the whole domain
+    interval: str = "1000ba"  # every N batches
+    warmup_interval: str | None = None  # denser while the LR re-warms
+    at_peak: bool = True  # once when the warmup ends
+    first: bool = True  # before the first step
+
+
+@dataclass
+class Cpt:
+    """The ``cpt:`` section of a train YAML."""
+
+    model: str  # a Pythia (GPT-NeoX) Hugging Face folder, local or s3://
+    train: dict[str, Source]
+    # Paper set-up: the base model's weights only, a fresh optimizer and a schedule clock at 0.
+    from_scratch: bool = False  # same architecture, random initialisation (the from-scratch baseline)
+    eval: Eval = field(default_factory=Eval)
+    num_canonical_nodes: int = 1  # pinned, so the data order does not depend on the number of GPUs
+    shuffle_seed: int = 17
+    run_dir: str = "runs"  # local: <run_dir>/<run_name>/ holds metrics.jsonl and caches
+    allow_fingerprint_change: bool = False
+
+
+def _coerce(tp, value, where: str):
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return build(tp, value, where)
+    if origin is dict:
+        _, vt = get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return {str(k): _coerce(vt, v, f"{where}.{k}") for k, v in value.items()}
+    args = get_args(tp)
+    if args and type(None) in args:  # Optional[X]
+        if value is None:
+            return None
+        return _coerce(next(a for a in args if a is not type(None)), value, where)
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def build(cls, data: dict, where: str):
+    """A dataclass from a mapping; unknown and missing keys are errors that name the key."""
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown key {where}.{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _coerce(hints[f.name], data[f.name], f"{where}.{f.name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing key {where}.{f.name}")
+    return cls(**kwargs)
+
+
+def load(path: str, overrides: list[str] | None = None) -> DictConfig:
+    """Read a YAML and apply ``key=value`` overrides; interpolations resolved."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config not found: {path}")
+    try:
+        cfg = OmegaConf.load(path)
+        bad = [o for o in overrides or [] if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} is not key=value")
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides or [])))
+        OmegaConf.resolve(cfg)
+    except ConfigError:
+        raise
+    except Exception as exc:  # omegaconf's errors name the key; add the file
+        raise ConfigError(f"{path}: {exc}") from exc
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return cfg
+
+
+def cpt_section(cfg: DictConfig, path: str = "config") -> Cpt:
+    if "cpt" not in cfg:
+        raise ConfigError(f"{path}: missing the cpt: section")
+    try:
+        return build(Cpt, OmegaConf.to_container(cfg.cpt), "cpt")
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def check_top_level(cfg: DictConfig, path: str = "config") -> None:
+    """Every key outside ``cpt:`` must be llm-foundry's, and not one that cpt builds."""
+    from llmfoundry.utils.config_utils import TrainConfig
+
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    for key in cfg:
+        if key == "cpt":
+            continue
+        if key in OWNED:
+            raise ConfigError(f"{path}: key {key!r} is built by cpt from the cpt: section; remove it")
+        if key not in known:
+            raise ConfigError(f"{path}: unknown key {key!r} (not a cpt or llm-foundry TrainConfig key)")
+
+
+def require(cfg: DictConfig, key: str, path: str = "config") -> Any:
+    if key not in cfg or cfg[key] is None:
+        raise ConfigError(f"{path}: missing key {key!r}")
+    return cfg[key]
+
+
+def check(cfg: DictConfig, path: str = "config") -> Cpt:
+    """Everything that can be checked without touching data or models: keys, types, schedule, batch sizes."""
+    from cpt.optim.preview import scheduler_from_config
+
+    check_top_level(cfg, path)
+    section = cpt_section(cfg, path)
+    for key in ("max_seq_len", "global_train_batch_size", "max_duration", "optimizer", "scheduler"):
+        require(cfg, key, path)
+    if not section.train:
+        raise ConfigError(f"{path}: cpt.train names no source")
+    for name, src in section.train.items():
+        if src.proportion <= 0:
+            raise ConfigError(f"{path}: cpt.train.{name}.proportion must be positive, got {src.proportion}")
+    if section.eval.tokens_per_domain is not None and section.eval.tokens_per_domain < int(cfg.max_seq_len):
+        raise ConfigError(f"{path}: cpt.eval.tokens_per_domain must be at least max_seq_len ({cfg.max_seq_len})")
+    for name, ds in section.eval.datasets.items():
+        for blend, weights in ds.blends.items():
+            if not weights or any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+                raise ConfigError(f"{path}: cpt.eval.datasets.{name}.blends.{blend} needs non-negative weights")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    micro = cfg.get("device_train_microbatch_size")
+    if isinstance(micro, str):
+        raise ConfigError(
+            f"{path}: device_train_microbatch_size must be an integer ('auto' breaks FSDP on "
+            f"torch >= 2.7.1), got {micro!r}"
+        )
+    glob = int(cfg.global_train_batch_size)
+    if micro is not None and glob % (world * int(micro)):
+        raise ConfigError(
+            f"{path}: global_train_batch_size={glob} is not divisible by world size {world} x "
+            f"device_train_microbatch_size {micro}"
+        )
+    scheduler_from_config(cfg, path)
+    return section

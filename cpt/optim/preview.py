@@ -1,0 +1,120 @@
+"""``cpt schedule``: a schedule's phases, its LR curve as CSV and PNG, before any GPU time is spent."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from dataclasses import dataclass
+
+from omegaconf import DictConfig
+
+from cpt import config as C
+from cpt.optim import schedules as S
+
+MAX_POINTS = 20_000
+
+
+@dataclass
+class Preview:
+    label: str
+    lr: float
+    total_batches: int
+    tokens_per_batch: int
+    phases: list[tuple[str, float]]  # name, start batch
+    scheduler: S._Schedule
+    clock: S.Clock
+
+    def lr_at(self, batch: float) -> float:
+        return self.lr * self.scheduler.multiplier(batch, self.clock)
+
+    def curve(self, points: int = MAX_POINTS) -> list[tuple[int, int, float]]:
+        """``(batch, tokens before it, LR it trains at)``, every batch or an even stride over the run."""
+        stride = max(1, math.ceil(self.total_batches / points))
+        batches = sorted(
+            set(range(0, self.total_batches, stride)) | {math.ceil(s) for _, s in self.phases if s < self.total_batches}
+        )
+        return [(b, b * self.tokens_per_batch, self.lr_at(b)) for b in batches]
+
+
+def tokens_per_batch(cfg: DictConfig, path: str = "config") -> int:
+    return int(C.require(cfg, "global_train_batch_size", path)) * int(C.require(cfg, "max_seq_len", path))
+
+
+def scheduler_from_config(cfg: DictConfig, path: str = "config") -> tuple[S._Schedule, S.Clock]:
+    """The scheduler a train config asks for, with ``tokens_per_batch`` filled in, checked against the run."""
+    sched = dict(C.require(cfg, "scheduler", path))
+    name = sched.pop("name", None)
+    tpb = tokens_per_batch(cfg, path)
+    sched.setdefault("tokens_per_batch", tpb)
+    try:
+        scheduler = S.build(name, **sched)
+        clock = S.Clock(str(C.require(cfg, "max_duration", path)), tpb)
+        scheduler.resolve(clock)
+    except ValueError as exc:
+        raise C.ConfigError(f"{path}: scheduler: {exc}") from exc
+    return scheduler, clock
+
+
+def preview(cfg: DictConfig, label: str, path: str = "config") -> Preview:
+    scheduler, clock = scheduler_from_config(cfg, path)
+    lr = float(C.require(cfg, "optimizer", path).get("lr", 0.0))
+    total = math.ceil(clock.batches(clock.max_duration, "max_duration"))
+    return Preview(label, lr, total, clock.tokens_per_batch, scheduler.phases(clock), scheduler, clock)
+
+
+def describe(p: Preview) -> str:
+    lines = [
+        f"{p.label}: {p.total_batches:,} batches x {p.tokens_per_batch:,} tokens = "
+        f"{p.total_batches * p.tokens_per_batch:,} tokens, max LR {p.lr:g}",
+        f"  {'phase':<14} {'start step':>12} {'start tokens':>18} {'LR there':>12}",
+    ]
+    for name, start in p.phases:
+        step = math.ceil(start)
+        lines.append(f"  {name:<14} {step:>12,} {step * p.tokens_per_batch:>18,} {p.lr_at(step):>12.4g}")
+    last = p.total_batches - 1
+    lines.append(f"  {'last batch':<14} {last:>12,} {last * p.tokens_per_batch:>18,} {p.lr_at(last):>12.4g}")
+    return "\n".join(lines)
+
+
+def write_csv(previews: list[Preview], path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["run", "batch", "tokens", "lr"])
+        for p in previews:
+            for batch, tokens, lr in p.curve():
+                w.writerow([p.label, batch, tokens, f"{lr:.6g}"])
+
+
+def write_png(previews: list[Preview], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for i, p in enumerate(previews):
+        curve = p.curve()
+        (line,) = ax.plot([t / 1e9 for _, t, _ in curve], [lr for _, _, lr in curve], label=p.label, lw=1.6)
+        for name, start in p.phases[1:]:
+            x = start * p.tokens_per_batch / 1e9
+            ax.axvline(x, color=line.get_color(), ls=":", lw=0.8, alpha=0.7)
+            ax.annotate(
+                name,
+                (x, p.lr * (0.98 - 0.07 * i)),
+                fontsize=7,
+                color=line.get_color(),
+                rotation=90,
+                ha="right",
+                va="top",
+            )
+    ax.set_xlabel("tokens (billions)")
+    ax.set_ylabel("learning rate")
+    ax.set_title("learning-rate schedule (the LR each batch trains at)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
