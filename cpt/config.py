@@ -57,6 +57,7 @@ class Cpt:
     eval: Eval = field(default_factory=Eval)
     num_canonical_nodes: int = 1  # pinned, so the data order does not depend on the number of GPUs
     shuffle_seed: int = 17
+    num_workers: int = 8  # data loader workers per rank
     run_dir: str = "runs"  # local: <run_dir>/<run_name>/ holds metrics.jsonl and caches
     allow_fingerprint_change: bool = False
 

@@ -1,0 +1,64 @@
+"""Training streams with proportions (replay) -> llm-foundry's ``text`` loader config."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+from cpt.config import ConfigError, Cpt
+from cpt.data import manifest as mf
+
+
+def read_manifests(paths: dict[str, str], seq_len: int, where: str) -> dict[str, mf.Manifest]:
+    """Each split's manifest, checked against the run: same sequence length, same tokenizer everywhere."""
+    out = {}
+    for name, path in paths.items():
+        try:
+            m = mf.read(path)
+        except mf.ManifestError as exc:
+            raise ConfigError(f"{where}.{name}: {exc}") from exc
+        if m.seq_len != seq_len:
+            raise ConfigError(f"{where}.{name}: {path} has samples of {m.seq_len} tokens but max_seq_len is {seq_len}")
+        out[name] = m
+    shas = {m.tokenizer_sha256 for m in out.values()}
+    if len(shas) > 1:
+        raise ConfigError(f"{where}: the datasets were tokenized with different tokenizers ({sorted(shas)})")
+    return out
+
+
+def fingerprint(section: Cpt, manifests: dict[str, mf.Manifest]) -> str:
+    """Identifies the training data: each source's manifest fingerprint and its share of the mixture."""
+    body = {name: [manifests[name].fingerprint, section.train[name].proportion] for name in sorted(section.train)}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def train_loader(section: Cpt, seq_len: int, cache: str) -> dict:
+    total = sum(s.proportion for s in section.train.values())
+    streams = {
+        name: {**location(src.path, os.path.join(cache, "train", name)), "proportion": src.proportion / total}
+        for name, src in section.train.items()
+    }
+    return {
+        "name": "text",
+        "dataset": {
+            "streams": streams,
+            "max_seq_len": seq_len,
+            "shuffle": True,
+            "shuffle_seed": section.shuffle_seed,
+            "num_canonical_nodes": section.num_canonical_nodes,
+        },
+        "drop_last": True,
+        **loader_workers(section.num_workers),
+    }
+
+
+def location(path: str, cache: str) -> dict:
+    """A remote split streams through a local cache; a local split is read in place."""
+    return {"remote": path, "local": cache} if path.startswith("s3://") else {"remote": None, "local": path}
+
+
+def loader_workers(n: int) -> dict:
+    if n == 0:  # prefetch and persistence are errors without workers
+        return {"num_workers": 0, "prefetch_factor": None, "persistent_workers": False}
+    return {"num_workers": n, "prefetch_factor": 2, "persistent_workers": True}

@@ -1,0 +1,163 @@
+"""Per-domain evaluation: one eval loader per domain of each dataset's manifest; aggregates and blends.
+
+Metric names (the contract ``cpt report`` reads):
+``metrics/eval/<dataset>/<domain-slug>/{LanguageCrossEntropy,LanguagePerplexity}`` from Composer itself,
+``metrics/eval/<dataset>/all/...`` token-weighted over the domains, ``metrics/eval/<dataset>/<blend>/...``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from composer.core import Callback, Event, State
+from composer.loggers import Logger
+
+from cpt.config import ConfigError, Cpt
+from cpt.data import manifest as mf
+from cpt.data.mixture import loader_workers, location
+
+CE, PPL = "LanguageCrossEntropy", "LanguagePerplexity"
+
+
+def eval_loaders(section: Cpt, manifests: dict[str, mf.Manifest], seq_len: int, cache: str) -> list[dict]:
+    """One llm-foundry ``text`` eval loader per (dataset, domain) with at least one sample."""
+    loaders = []
+    for name, ds in section.eval.datasets.items():
+        for _, stats in sorted(manifests[name].domains.items()):
+            if stats.samples == 0:
+                continue
+            loaders.append(
+                {
+                    "label": f"{name}/{stats.slug}",
+                    "name": "text",
+                    "dataset": {
+                        **location(
+                            f"{ds.path.rstrip('/')}/{stats.slug}", os.path.join(cache, "eval", name, stats.slug)
+                        ),
+                        "max_seq_len": seq_len,
+                        "shuffle": False,
+                        "num_canonical_nodes": 1,
+                    },
+                    "drop_last": False,
+                    **loader_workers(0),
+                }
+            )
+    return loaders
+
+
+def blend_weights(section: Cpt, manifests: dict[str, mf.Manifest]) -> dict[str, dict[str, dict[str, float]]]:
+    """``{dataset: {blend: {slug: weight}}}``; domains may be named by their name or their slug."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name, ds in section.eval.datasets.items():
+        slugs = {d: s.slug for d, s in manifests[name].domains.items() if s.samples}
+        by_slug = set(slugs.values())
+        for blend, weights in ds.blends.items():
+            resolved = {}
+            for domain, w in weights.items():
+                slug = slugs.get(domain, domain if domain in by_slug else None)
+                if slug is None:
+                    raise ConfigError(
+                        f"cpt.eval.datasets.{name}.blends.{blend}: domain {domain!r} is not in "
+                        f"{ds.path} (it has {sorted(slugs)})"
+                    )
+                resolved[slug] = float(w)
+            out.setdefault(name, {})[blend] = resolved
+    return out
+
+
+def subset_batches(tokens_per_domain: int | None, seq_len: int, batch_size: int, world: int) -> int:
+    """Eval batches per rank that cover the per-domain token budget (-1: the whole domain)."""
+    if tokens_per_domain is None:
+        return -1
+    return max(1, math.ceil(tokens_per_domain / (seq_len * batch_size * world)))
+
+
+class DomainMetrics(Callback):
+    """Logs the token-weighted ``all`` aggregate and the weighted blends of each dataset after an evaluation.
+
+    Per domain it reads the summed loss and token count of Composer's ``LanguageCrossEntropy`` (reduced over
+    ranks), so ``all`` is exactly the cross-entropy over every evaluated token.
+    """
+
+    def __init__(self, blends: dict | None = None):
+        self.blends = blends or {}
+        self._seen: dict[str, dict[str, tuple[float, int]]] = {}
+
+    def run_event(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.EVAL_END:
+            self._record(state)
+        elif event in (Event.EVAL_AFTER_ALL, Event.EVAL_STANDALONE_END):
+            self._log(logger)
+
+    def _record(self, state: State) -> None:
+        label = state.dataloader_label or ""
+        parts = label.split("/")
+        if len(parts) != 3 or parts[0] != "eval":
+            return
+        metric = state.eval_metrics.get(label, {}).get(CE)
+        if metric is None:
+            return
+        with metric.sync_context(should_sync=True, should_unsync=True):
+            total, tokens = float(metric.sum_loss), int(metric.total_items)
+        self._seen.setdefault(parts[1], {})[parts[2]] = (total, tokens)
+
+    def _log(self, logger: Logger) -> None:
+        metrics = {}
+        for dataset, domains in self._seen.items():
+            tokens = sum(n for _, n in domains.values())
+            if tokens:
+                ce = sum(loss for loss, _ in domains.values()) / tokens
+                metrics.update(_pair(f"metrics/eval/{dataset}/all", ce))
+            for blend, weights in self.blends.get(dataset, {}).items():
+                if not all(slug in domains and domains[slug][1] for slug in weights):
+                    continue
+                norm = sum(weights.values())
+                ce = sum(w * domains[s][0] / domains[s][1] for s, w in weights.items()) / norm
+                metrics.update(_pair(f"metrics/eval/{dataset}/{blend}", ce))
+        if metrics:
+            logger.log_metrics(metrics)
+        self._seen = {}
+
+
+def _pair(prefix: str, ce: float) -> dict[str, float]:
+    return {f"{prefix}/{CE}": ce, f"{prefix}/{PPL}": math.exp(min(ce, 80.0))}
+
+
+class EvalCadence(Callback):
+    """The paper's cadence: every ``interval`` batches, every ``warmup_interval`` while the LR re-warms, once
+    at the LR peak, and at the end. ``eval_first`` (set by cpt) adds the evaluation before the first step.
+
+    Also gives every evaluator its per-domain budget in batches. Applied after the checkpoint is loaded.
+    """
+
+    def __init__(
+        self,
+        interval: int,
+        warmup_interval: int | None = None,
+        warmup_end: int = 0,
+        peak: int | None = None,
+        subset_num_batches: int = -1,
+    ):
+        self.interval, self.warmup_interval, self.warmup_end = interval, warmup_interval, warmup_end
+        self.peak, self.subset_num_batches = peak, subset_num_batches
+
+    def due(self, batch: int) -> bool:
+        """Evaluate after ``batch`` batches have trained?"""
+        if batch <= 0:
+            return False
+        if self.interval and batch % self.interval == 0:
+            return True
+        if self.warmup_interval and batch <= self.warmup_end and batch % self.warmup_interval == 0:
+            return True
+        return self.peak is not None and batch == self.peak
+
+    def __call__(self, state: State, event: Event) -> bool:
+        if event == Event.FIT_END:
+            return not self.due(int(state.timestamp.batch))  # unless the last batch was just evaluated
+        return event == Event.BATCH_END and self.due(int(state.timestamp.batch))
+
+    def after_load(self, state: State, logger: Logger) -> None:
+        for evaluator in state.evaluators:
+            evaluator.eval_interval = self
+            evaluator.subset_num_batches = self.subset_num_batches

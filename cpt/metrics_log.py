@@ -1,0 +1,52 @@
+"""``metrics.jsonl``: one JSON object per log call, with ``batch`` and ``tokens``, for offline reports.
+
+Rank 0 appends to ``<run_dir>/metrics.jsonl`` (a resumed run keeps adding to the same file; readers keep
+the last value per batch). With ``remote`` set (the run's ``s3://`` save folder), the file is uploaded
+after every evaluation and at the end of the run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+
+from composer.core import Event, State
+from composer.loggers import Logger, LoggerDestination
+from composer.utils import dist
+
+from cpt import storage
+
+log = logging.getLogger(__name__)
+
+
+class MetricsJSONL(LoggerDestination):
+    def __init__(self, path: str, remote: str | None = None):
+        self.path, self.remote = path, remote
+        self._state: State | None = None
+
+    def init(self, state: State, logger: Logger) -> None:
+        self._state = state
+        if dist.get_global_rank() == 0:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        if dist.get_global_rank() != 0 or self._state is None:
+            return
+        ts = self._state.timestamp
+        row = {"batch": int(ts.batch), "tokens": int(ts.token)}
+        for key, value in metrics.items():
+            value = float(value.item() if hasattr(value, "item") else value)
+            row[key] = value if math.isfinite(value) else None
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def run_event(self, event: Event, state: State, logger: Logger) -> None:
+        super().run_event(event, state, logger)
+        if event in (Event.EVAL_AFTER_ALL, Event.FIT_END) and self.remote and dist.get_global_rank() == 0:
+            if os.path.isfile(self.path):
+                try:
+                    storage.upload_file(self.path, storage.join(self.remote, "metrics.jsonl"))
+                except storage.StorageError as exc:  # metrics stay local; training goes on
+                    log.warning("could not upload metrics: %s", exc)

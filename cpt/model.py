@@ -1,0 +1,123 @@
+"""Pythia checkpoints: a local or ``s3://`` Hugging Face folder, cached once; FLOPs per batch; tiny test models."""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import hashlib
+import json
+import logging
+import os
+import shutil
+
+from cpt import storage
+from cpt.cache import cache_dir
+
+log = logging.getLogger(__name__)
+
+
+def resolve_folder(spec: str) -> str:
+    """A local folder holding ``config.json``; ``s3://`` folders are downloaded once into the cache.
+
+    Safe when several ranks start at once: one downloads under a file lock, the others wait and reuse it.
+    """
+    if not storage.is_s3(spec):
+        if not os.path.isfile(os.path.join(spec, "config.json")):
+            raise FileNotFoundError(f"cpt.model: {spec} is not a Hugging Face model folder (no config.json)")
+        return spec
+    local = cache_dir("models", hashlib.sha256(spec.rstrip("/").encode()).hexdigest()[:16])
+    done = os.path.join(local, ".complete")
+    with open(os.path.join(local, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.isfile(done):
+            keys = [k for k in storage.list_prefix(spec) if not k.endswith("/")]
+            if "config.json" not in keys:
+                raise FileNotFoundError(f"cpt.model: {spec} holds no config.json (found {len(keys)} objects)")
+            tmp = os.path.join(local, "files.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            for key in keys:
+                storage.download_file(storage.join(spec, key), os.path.join(tmp, key))
+            shutil.rmtree(os.path.join(local, "files"), ignore_errors=True)
+            os.replace(tmp, os.path.join(local, "files"))
+            open(done, "w").close()
+            log.info("downloaded %s (%d files) into %s", spec, len(keys), local)
+    return os.path.join(local, "files")
+
+
+def read_config(folder: str) -> dict:
+    with open(os.path.join(folder, "config.json")) as fh:
+        return json.load(fh)
+
+
+def flops_per_token(cfg: dict, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward) of a GPT-NeoX: ``6 N + 12 L d s``.
+
+    ``N`` counts every matmul weight: layers and the (untied) output head, not the input embedding, which is
+    a lookup. The second term is attention scores and values (PaLM's formula). Pythia-410M at s=2048: 2.73 GFLOP.
+    """
+    d, layers, ff = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]
+    per_layer = 4 * d * d + 2 * d * ff  # qkv + dense, mlp in + out
+    n = layers * per_layer + d * cfg["vocab_size"]
+    return 6.0 * n + 12.0 * layers * d * seq_len
+
+
+@functools.cache
+def _composer_model_class():
+    from llmfoundry.models.hf import ComposerHFCausalLM
+
+    class CptPythia(ComposerHFCausalLM):
+        """llm-foundry's HF causal LM with FLOPs per batch, so the speed monitor logs throughput and MFU."""
+
+        def flops_per_batch(self, batch) -> float:
+            ids = batch["input_ids"]
+            return flops_per_token(self.model.config.to_dict(), ids.shape[1]) * ids.numel()
+
+    return CptPythia
+
+
+def __getattr__(name: str):  # the entry point names cpt.model:CptPythia; built lazily (imports llm-foundry)
+    if name == "CptPythia":
+        return _composer_model_class()
+    raise AttributeError(name)
+
+
+def tiny_config(seq_len: int = 256, layers: int = 2, hidden: int = 64):
+    from transformers import GPTNeoXConfig
+
+    return GPTNeoXConfig(
+        vocab_size=50304,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=seq_len,
+        rotary_pct=0.25,
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+
+
+def save_tokenizer(folder: str) -> None:
+    """Pythia's tokenizer files, as a Pythia step folder has them (no pad token: set at load time)."""
+    from transformers import GPTNeoXTokenizerFast
+
+    tok = GPTNeoXTokenizerFast(
+        tokenizer_file=os.path.join(os.path.dirname(__file__), "assets", "tokenizer.json"),
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    tok.save_pretrained(folder)
+
+
+def save_tiny_pythia(folder: str, seed: int = 0, seq_len: int = 256, layers: int = 2, hidden: int = 64) -> str:
+    """A tiny GPT-NeoX with Pythia's vocabulary, saved as a Pythia step folder (weights + tokenizer)."""
+    import torch
+    from transformers import GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)
+    GPTNeoXForCausalLM(tiny_config(seq_len, layers, hidden)).save_pretrained(folder)
+    save_tokenizer(folder)
+    return folder

@@ -1,0 +1,137 @@
+"""The continual pre-training run: a train YAML -> checks -> llm-foundry's config -> llm-foundry's ``train()``.
+
+    composer -n 8 -m cpt.train yamls/pythia-410m/cpt.yaml [key=value ...]
+    cpt train yamls/tiny-cpu.yaml [key=value ...]
+
+Everything that can fail (keys, units, paths, manifests, sequence lengths, batch sizes) is checked before
+the model is built. The run starts from the base weights only (fresh optimizer, clock at 0), or, when its
+``save_folder`` already holds a checkpoint, resumes from it (llm-foundry's ``autoresume``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import sys
+
+from omegaconf import DictConfig
+
+from cpt import config as C
+from cpt import model as M
+from cpt.cache import cache_dir
+from cpt.data import mixture
+from cpt.eval import domains
+from cpt.optim.preview import scheduler_from_config
+
+log = logging.getLogger(__name__)
+
+
+def expand(cfg: DictConfig, path: str = "config") -> DictConfig:
+    """The llm-foundry config for a cpt train YAML. Raises ``ConfigError`` naming the key or path."""
+    section = C.check(cfg, path)
+    out = copy.deepcopy(cfg)
+    del out["cpt"]
+    run_name = str(C.require(cfg, "run_name", path))
+    seq_len = int(cfg.max_seq_len)
+    run_dir = os.path.join(section.run_dir, run_name)
+    cache = cache_dir("runs", run_name)
+
+    try:
+        model_dir = M.resolve_folder(section.model)
+    except (FileNotFoundError, OSError) as exc:
+        raise C.ConfigError(f"{path}: {exc}") from exc
+    model_cfg = M.read_config(model_dir)
+    if seq_len > model_cfg.get("max_position_embeddings", seq_len):
+        raise C.ConfigError(
+            f"{path}: max_seq_len={seq_len} is longer than the model's max_position_embeddings="
+            f"{model_cfg['max_position_embeddings']} ({section.model})"
+        )
+
+    train_manifests = mixture.read_manifests({k: s.path for k, s in section.train.items()}, seq_len, "cpt.train")
+    eval_manifests = mixture.read_manifests(
+        {k: d.path for k, d in section.eval.datasets.items()}, seq_len, "cpt.eval.datasets"
+    )
+    vocab = model_cfg.get("vocab_size", 0)
+    for name, m in {**train_manifests, **eval_manifests}.items():
+        if m.vocab_size > vocab:
+            raise C.ConfigError(
+                f"{path}: dataset {name} has token ids up to {m.vocab_size} but the model's vocab_size is {vocab}"
+            )
+
+    out.model = {
+        "name": "cpt_pythia",
+        "pretrained_model_name_or_path": model_dir,
+        "pretrained": not section.from_scratch,  # weights only: optimizer and clock start fresh
+        "attn_implementation": "sdpa",
+        "use_flash_attention_2": False,
+    }
+    out.tokenizer = {"name": model_dir, "kwargs": {"model_max_length": seq_len, "pad_token": "<|padding|>"}}
+    out.train_loader = mixture.train_loader(section, seq_len, cache)
+
+    scheduler, clock = scheduler_from_config(cfg, path)
+    out.scheduler.tokens_per_batch = clock.tokens_per_batch
+    callbacks = dict(out.get("callbacks") or {})
+    if section.eval.datasets:
+        out.eval_loaders = domains.eval_loaders(section, eval_manifests, seq_len, cache)
+        out.eval_first = section.eval.first
+        warmup_end = math.ceil(scheduler.phases(clock)[1][1]) if len(scheduler.phases(clock)) > 1 else 0
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        callbacks["cpt_eval_cadence"] = {
+            "interval": math.ceil(clock.batches(section.eval.interval, "cpt.eval.interval")),
+            "warmup_interval": (
+                math.ceil(clock.batches(section.eval.warmup_interval, "cpt.eval.warmup_interval"))
+                if section.eval.warmup_interval
+                else None
+            ),
+            "warmup_end": warmup_end,
+            "peak": warmup_end if section.eval.at_peak and warmup_end > 0 else None,
+            "subset_num_batches": domains.subset_batches(
+                section.eval.tokens_per_domain, seq_len, int(cfg.get("device_eval_batch_size", 8)), world
+            ),
+        }
+        callbacks["cpt_domain_metrics"] = {"blends": domains.blend_weights(section, eval_manifests)}
+    out.callbacks = callbacks
+    save_folder = cfg.get("save_folder")
+    loggers = dict(out.get("loggers") or {})
+    loggers["cpt_jsonl"] = {
+        "path": os.path.join(run_dir, "metrics.jsonl"),
+        "remote": save_folder if save_folder and str(save_folder).startswith("s3://") else None,
+    }
+    out.loggers = loggers
+
+    if cfg.get("load_path"):
+        raise C.ConfigError(
+            f"{path}: load_path restores an optimizer and an old LR; a CPT run loads the base "
+            "weights from cpt.model, and resumes from save_folder by itself"
+        )
+    if save_folder:
+        out.autoresume = True  # llm-foundry logs that it defaults to True but never sets it
+    return out
+
+
+def train_from_yaml(path: str, overrides: list[str] | None = None):
+    from llmfoundry.command_utils import train
+
+    cfg = C.load(path, overrides)
+    expanded = expand(cfg, path)
+    log.info("expanded %s for llm-foundry", path)
+    return train(expanded)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        print("usage: python -m cpt.train CONFIG.yaml [key=value ...]", file=sys.stderr)
+        return 2
+    try:
+        train_from_yaml(argv[0], argv[1:])
+    except C.ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
