@@ -66,6 +66,7 @@ def expand(cfg: DictConfig, path: str = "config") -> DictConfig:
         "pretrained": not section.from_scratch,  # weights only: optimizer and clock start fresh
         "attn_implementation": "sdpa",
         "use_flash_attention_2": False,
+        "use_train_metrics": False,  # the train loss is logged anyway; metrics on 50k-vocab logits cost a pass
     }
     out.tokenizer = {"name": model_dir, "kwargs": {"model_max_length": seq_len, "pad_token": "<|padding|>"}}
     out.train_loader = mixture.train_loader(section, seq_len, cache)
