@@ -44,6 +44,20 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quickstart(args: argparse.Namespace) -> int:
+    from cpt.quickstart import quickstart
+
+    quickstart(args.out, args.s3)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from cpt.export import export
+
+    print(f"wrote {export(args.checkpoint, args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cpt", description="Continual pre-training of Pythia models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,6 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="train YAML")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.set_defaults(fn=_train)
+
+    p = sub.add_parser("quickstart", help="the whole method offline on a CPU in a few minutes, with a report")
+    p.add_argument("--out", default="quickstart", help="work folder (default: ./quickstart)")
+    p.add_argument("--s3", help="s3:// prefix for data and checkpoints (set S3_ENDPOINT_URL for a local store)")
+    p.set_defaults(fn=_quickstart)
+
+    p = sub.add_parser("export", help="a Composer checkpoint (local or s3://) -> a Hugging Face GPT-NeoX folder")
+    p.add_argument("checkpoint")
+    p.add_argument("out")
+    p.set_defaults(fn=_export)
     return parser
 
 

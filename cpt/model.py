@@ -63,14 +63,40 @@ def flops_per_token(cfg: dict, seq_len: int) -> float:
 
 @functools.cache
 def _composer_model_class():
+    import torch
+    from composer.metrics.nlp import LanguageCrossEntropy
     from llmfoundry.models.hf import ComposerHFCausalLM
 
     class CptPythia(ComposerHFCausalLM):
-        """llm-foundry's HF causal LM with FLOPs per batch, so the speed monitor logs throughput and MFU."""
+        """llm-foundry's HF causal LM with FLOPs per batch (for throughput and MFU) and a cheaper evaluation.
+
+        Evaluation logs ``LanguageCrossEntropy`` and ``LanguagePerplexity`` only, from one cross-entropy pass
+        per batch (Composer would run one pass per metric, plus an argmax for token accuracy).
+        """
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.val_metrics = {k: v for k, v in self.val_metrics.items() if isinstance(v, LanguageCrossEntropy)}
+            self._ce_cache = None
 
         def flops_per_batch(self, batch) -> float:
             ids = batch["input_ids"]
             return flops_per_token(self.model.config.to_dict(), ids.shape[1]) * ids.numel()
+
+        def update_metric(self, batch, outputs, metric):
+            if not isinstance(metric, LanguageCrossEntropy):  # LanguagePerplexity is one too
+                return super().update_metric(batch, outputs, metric)
+            if self._ce_cache is None or self._ce_cache[0] is not outputs:
+                logits = outputs["logits"] if isinstance(outputs, dict) else outputs
+                target = self.labels.to(logits.device).view(-1)
+                loss = torch.nn.functional.cross_entropy(
+                    logits.view(-1, logits.size(-1)), target, ignore_index=metric.ignore_index, reduction="sum"
+                )
+                self._ce_cache = (outputs, loss, (target != metric.ignore_index).sum())
+            _, loss, items = self._ce_cache
+            metric.sum_loss += loss.to(metric.sum_loss.device)
+            metric.total_items += items.to(metric.total_items.device)
+            return {}
 
     return CptPythia
 

@@ -27,9 +27,13 @@ _PUNCT = {"prose": ". ", "code": ";\n", "science": ". "}
 
 
 def document(rng: random.Random, style: str, words: int) -> str:
-    vocab, stop = _VOCAB[style], _PUNCT[style]
+    """A document in ``style``; ``"<style>-shifted"`` uses the same words with the word frequencies reversed."""
+    base, shifted = style.removesuffix("-shifted"), style.endswith("-shifted")
+    vocab, stop = _VOCAB[base], _PUNCT[base]
     # a skewed (Zipf-like) choice makes the text learnable by a tiny model
     weights = [1.0 / (i + 1) for i in range(len(vocab))]
+    if shifted:
+        weights.reverse()
     out, sentence = [], []
     for word in rng.choices(vocab, weights=weights, k=words):
         sentence.append(word)

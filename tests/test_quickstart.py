@@ -1,0 +1,24 @@
+"""``cpt quickstart`` end to end: the paper's directions at toy scale, from the numbers it measured."""
+
+from __future__ import annotations
+
+import json
+
+from cpt.quickstart import quickstart
+
+
+def test_quickstart_reproduces_the_papers_directions(tmp_path):
+    s = quickstart(str(tmp_path / "qs"))
+    c, r1, r2 = s["constant"], s["rewarm-1x"], s["rewarm-2x"]
+    # re-warming raises the upstream loss during its first steps; constant LR barely moves it
+    assert r1["upstream_early_max"] > r1["upstream_start"] and r2["upstream_early_max"] > r2["upstream_start"]
+    # the higher max LR forgets more and adapts more; constant LR forgets least and adapts least
+    assert r2["upstream_final"] > r1["upstream_final"] > c["upstream_final"]
+    assert r2["downstream_final"] < r1["downstream_final"] < c["downstream_final"]
+    assert all(r["upstream_start"] == c["upstream_start"] for r in (r1, r2))  # all start from the same weights
+    report = (tmp_path / "qs" / "report.md").read_text()
+    assert f"{r2['downstream_final']:.4f}" in report and f"{c['forgetting']:+.4f}" in report
+    assert (tmp_path / "qs" / "losses.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "qs" / "summary.json").read_text()) == s
+    # the pre-trained model was exported as a Hugging Face folder and every continual run started from it
+    assert (tmp_path / "qs" / "pretrained" / "config.json").is_file()
