@@ -59,7 +59,8 @@ class Cpt:
     shuffle_seed: int = 17
     num_workers: int = 8  # data loader workers per rank
     run_dir: str = "runs"  # local: <run_dir>/<run_name>/ holds metrics.jsonl and caches
-    allow_fingerprint_change: bool = False
+    allow_fingerprint_change: bool = False  # resume onto different data anyway
+    keep_checkpoints: int = 3  # newest checkpoints kept in save_folder (0: all); Composer never deletes remote ones
 
 
 def _coerce(tp, value, where: str):

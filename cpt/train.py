@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from cpt import config as C
 from cpt import model as M
+from cpt import resume
 from cpt.cache import cache_dir
 from cpt.data import mixture
 from cpt.eval import domains
@@ -93,7 +94,6 @@ def expand(cfg: DictConfig, path: str = "config") -> DictConfig:
             ),
         }
         callbacks["cpt_domain_metrics"] = {"blends": domains.blend_weights(section, eval_manifests)}
-    out.callbacks = callbacks
     save_folder = cfg.get("save_folder")
     loggers = dict(out.get("loggers") or {})
     loggers["cpt_jsonl"] = {
@@ -107,16 +107,33 @@ def expand(cfg: DictConfig, path: str = "config") -> DictConfig:
             f"{path}: load_path restores an optimizer and an old LR; a CPT run loads the base "
             "weights from cpt.model, and resumes from save_folder by itself"
         )
-    if save_folder:
-        out.autoresume = True  # llm-foundry logs that it defaults to True but never sets it
+    sharded = (cfg.get("fsdp_config") or {}).get("state_dict_type") == "sharded"
+    out.autoresume = bool(save_folder) and sharded  # sharded checkpoints: Composer's own autoresume
+    if save_folder and not sharded:
+        resume_from = resume.find_resume(str(save_folder), os.path.join(cache, "checkpoints"))
+        if resume_from:
+            out.load_path = resume_from  # the whole state: weights, optimizer, clock, data position, RNG
+    callbacks["cpt_fingerprint"] = {
+        "fingerprint": mixture.fingerprint(section, train_manifests),
+        "allow_change": section.allow_fingerprint_change,
+        "save_folder": str(save_folder) if save_folder else None,
+        "keep": section.keep_checkpoints,
+    }
+    out.callbacks = callbacks
     return out
 
 
 def train_from_yaml(path: str, overrides: list[str] | None = None):
     from llmfoundry.command_utils import train
 
+    logging.basicConfig(format="%(asctime)s: %(levelname)s: %(name)s: %(message)s")
+    logging.getLogger("cpt").setLevel(logging.INFO)
     cfg = C.load(path, overrides)
     expanded = expand(cfg, path)
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        from streaming.base.util import clean_stale_shared_memory
+
+        clean_stale_shared_memory()  # a killed run leaves /dev/shm segments that would block this one
     log.info("expanded %s for llm-foundry", path)
     return train(expanded)
 

@@ -35,7 +35,11 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server in HTTP mode on 127.0.0.1; yields its endpoint URL."""
+    import logging
+
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
     for var in _CLOUD_VARS:
         os.environ.pop(var, None)

@@ -22,3 +22,28 @@ def test_quickstart_reproduces_the_papers_directions(tmp_path):
     assert json.loads((tmp_path / "qs" / "summary.json").read_text()) == s
     # the pre-trained model was exported as a Hugging Face folder and every continual run started from it
     assert (tmp_path / "qs" / "pretrained" / "config.json").is_file()
+
+
+def test_export_gives_the_checkpoints_logits(tmp_path):
+    """``cpt export``: the HF folder loads with transformers and matches the checkpoint's weights exactly."""
+    import torch
+    from composer.models import HuggingFaceModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cpt.cli import main
+    from cpt.model import save_tiny_pythia
+
+    src = save_tiny_pythia(str(tmp_path / "src"), seed=3)
+    hf = AutoModelForCausalLM.from_pretrained(src)
+    ckpt = tmp_path / "ck.pt"
+    model = HuggingFaceModel(hf, tokenizer=AutoTokenizer.from_pretrained(src))
+    from composer import Trainer
+
+    trainer = Trainer(model=model, device="cpu", progress_bar=False, log_to_console=False)
+    trainer.save_checkpoint(str(ckpt))
+    assert main(["export", str(ckpt), str(tmp_path / "out")]) == 0
+    out = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    ids = torch.tensor([[12092, 1533, 0, 510, 3158]])
+    with torch.no_grad():
+        assert torch.equal(out(ids).logits, hf(ids).logits)
+    assert AutoTokenizer.from_pretrained(tmp_path / "out")("Hello world")["input_ids"] == [12092, 1533]

@@ -1,0 +1,166 @@
+"""Preemption: SIGKILL mid-run, relaunch the same command, and end bit-identical to an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cpt import storage
+from cpt.data import synthetic
+from cpt.data.convert import DOMAIN_KEYS, convert
+from cpt.model import save_tiny_pythia
+from cpt.resume import checkpoints, find_resume, prune
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "yamls" / "tiny-cpu.yaml"
+KEY = DOMAIN_KEYS["pile"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("resume")
+    tok = str(ROOT / "cpt" / "assets" / "tokenizer.json")
+    for name, styles in (("upstream", {"Pile-CC": "prose"}), ("downstream", {"Github": "code"})):
+        for split, n in (("train", 120), ("val", 10)):
+            synthetic.write_jsonl(tmp / f"{name}-{split}.jsonl", styles, docs=n, seed=len(split), domain_key=KEY)
+            convert(
+                [str(tmp / f"{name}-{split}.jsonl")],
+                str(tmp / "data" / name),
+                split,
+                tok,
+                KEY,
+                seq_len=64,
+                workers=1,
+                progress=False,
+            )
+    save_tiny_pythia(str(tmp / "model"))
+    return tmp
+
+
+def launch(setup: Path, run: str, save_folder: str, *extra: str) -> subprocess.Popen:
+    args = [
+        f"variables.data={setup / 'data'}",
+        f"variables.model={setup / 'model'}",
+        f"variables.run_name={run}",
+        f"variables.save_folder={save_folder}",
+        f"cpt.run_dir={setup / 'runs'}",
+        "cpt.num_workers=0",
+        "max_duration=16ba",
+        "save_interval=4ba",
+        "cpt.eval.interval=8ba",
+        "cpt.eval.warmup_interval=null",
+        "cpt.keep_checkpoints=0",
+        *extra,
+    ]
+    env = {**os.environ, "CPT_CACHE": str(setup / "cache" / run)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "cpt.train", str(TINY), *args],
+        cwd=setup,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def finish(proc: subprocess.Popen) -> str:
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def final_state(save_folder: str, tmp: Path) -> dict:
+    local = tmp / f"final-{abs(hash(save_folder))}.pt"
+    storage.download_file(storage.join(save_folder, "ep0-ba16-rank0.pt"), str(local))
+    return torch.load(local, map_location="cpu", weights_only=False)["state"]
+
+
+def assert_identical(a, b, where="state"):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_identical(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{i}]")
+
+
+def test_sigkill_and_relaunch_is_bit_identical(setup, s3_bucket):
+    ref = f"{s3_bucket}/runs/ref"
+    finish(launch(setup, "ref", ref))
+
+    run = f"{s3_bucket}/runs/killed"
+    kills = 0
+    proc = launch(setup, "killed", run)
+    for target in (4, 8):  # kill right after the checkpoint at `target` reaches S3, mid-way through the next steps
+        deadline = time.time() + 300
+        while time.time() < deadline and not any(b >= target for b, _ in checkpoints(run)):
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        proc = launch(setup, "killed", run)
+    out = finish(proc)
+    assert kills == 2 and "resuming from" in out
+    a, b = final_state(ref, setup), final_state(run, setup)
+    assert_identical(a["model"], b["model"], "model")
+    assert_identical(a["optimizers"], b["optimizers"], "optimizers")
+    ta, tb = a["timestamp"]["Timestamp"], b["timestamp"]["Timestamp"]
+    assert (ta["batch"], ta["sample"], ta["token"]) == (tb["batch"], tb["sample"], tb["token"]) == (16, 64, 4096)
+    assert a["dataset_state"] == b["dataset_state"]  # the data position: the same samples were consumed
+
+
+def test_corrupt_newest_checkpoint_falls_back(setup, s3_bucket, tmp_path, caplog):
+    folder = f"{s3_bucket}/runs/corrupt"
+    good = setup / "good.pt"
+    torch.save({"state": {"x": torch.arange(10)}}, good)
+    storage.upload_file(str(good), f"{folder}/ep0-ba4-rank0.pt")
+    data = bytearray(good.read_bytes())
+    at = bytes(data).index((5).to_bytes(8, "little") + (6).to_bytes(8, "little"))
+    data[at] ^= 0xFF  # one flipped byte inside the tensor's bytes: caught by the zip CRC
+    storage.write_bytes(f"{folder}/ep0-ba8-rank0.pt", bytes(data))
+    with caplog.at_level("WARNING"):
+        got = find_resume(folder, str(tmp_path / "cache"))
+    assert got is not None and got.endswith("ep0-ba4-rank0.pt")
+    assert "skipping corrupt checkpoint" in caplog.text and "ep0-ba8-rank0.pt" in caplog.text
+    assert find_resume(f"{s3_bucket}/runs/empty", str(tmp_path / "cache2")) is None
+
+
+def test_prune_keeps_the_newest(s3_bucket, tmp_path):
+    folder = f"{s3_bucket}/runs/prune"
+    for b in (4, 8, 12, 16):
+        storage.write_bytes(f"{folder}/ep0-ba{b}-rank0.pt", b"x")
+    storage.write_bytes(f"{folder}/metrics.jsonl", b"{}")
+    assert sorted(prune(folder, 2)) == ["ep0-ba4-rank0.pt", "ep0-ba8-rank0.pt"]
+    assert [n for _, n in checkpoints(folder)] == ["ep0-ba16-rank0.pt", "ep0-ba12-rank0.pt"]
+    assert storage.exists(f"{folder}/metrics.jsonl")
+
+
+def test_fingerprint_mismatch_is_refused(setup, s3_bucket):
+    folder = f"{s3_bucket}/runs/fp"
+    finish(launch(setup, "fp", folder, "max_duration=4ba"))
+    # same run, different mixture: the fingerprint stored in the checkpoint no longer matches
+    proc = launch(setup, "fp", folder, "max_duration=8ba", "cpt.train.upstream.proportion=0.5")
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0 and "fingerprint" in out and "cpt.allow_fingerprint_change=true" in out
+    finish(
+        launch(
+            setup,
+            "fp",
+            folder,
+            "max_duration=8ba",
+            "cpt.train.upstream.proportion=0.5",
+            "cpt.allow_fingerprint_change=true",
+        )
+    )

@@ -1,0 +1,86 @@
+"""A bad train config fails in ``expand`` (before any model or Trainer is built), naming the key or path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cpt import config as C
+from cpt.data import synthetic
+from cpt.data.convert import DOMAIN_KEYS, convert
+from cpt.model import save_tiny_pythia
+from cpt.train import expand
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "yamls" / "tiny-cpu.yaml")
+KEY = DOMAIN_KEYS["pile"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cfg")
+    tok = str(ROOT / "cpt" / "assets" / "tokenizer.json")
+    for name in ("upstream", "downstream"):
+        for split in ("train", "val"):
+            synthetic.write_jsonl(tmp / f"{name}-{split}.jsonl", {"Pile-CC": "prose"}, docs=20, seed=1, domain_key=KEY)
+            convert(
+                [str(tmp / f"{name}-{split}.jsonl")],
+                str(tmp / "data" / name),
+                split,
+                tok,
+                KEY,
+                seq_len=64,
+                workers=1,
+                progress=False,
+            )
+    save_tiny_pythia(str(tmp / "model"), seq_len=128)
+    return tmp
+
+
+def load(tiny, *overrides):
+    return C.load(
+        TINY,
+        [
+            f"variables.data={tiny / 'data'}",
+            f"variables.model={tiny / 'model'}",
+            f"variables.save_folder={tiny / 'ck'}",
+            f"cpt.run_dir={tiny / 'runs'}",
+            *overrides,
+        ],
+    )
+
+
+def test_good_config_expands_for_llmfoundry(tiny):
+    out = expand(load(tiny), TINY)
+    assert out.model.name == "cpt_pythia" and out.model.pretrained is True
+    assert out.model.attn_implementation == "sdpa"
+    assert out.tokenizer.kwargs.pad_token == "<|padding|>"  # never EOS: EOS stays in the loss
+    streams = out.train_loader.dataset.streams
+    assert streams.downstream.proportion == pytest.approx(0.95) and streams.upstream.proportion == pytest.approx(0.05)
+    assert out.train_loader.dataset.num_canonical_nodes == 1
+    assert [e.label for e in out.eval_loaders] == ["upstream/pile-cc", "downstream/pile-cc"]
+    assert out.scheduler.tokens_per_batch == 4 * 64
+    assert "load_path" not in out or out.load_path is None  # nothing to resume: base weights only
+    assert out.callbacks.cpt_eval_cadence.warmup_end == 3  # 0.125 x 24 batches
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["variables.model=/nonexistent/step1"], "/nonexistent/step1 is not a Hugging Face model folder"),
+        (["variables.data=/nonexistent"], "cpt.train.downstream: missing manifest /nonexistent/downstream/train"),
+        (["max_seq_len=256", "cpt.eval.tokens_per_domain=256"], "max_seq_len=256 is longer than the model's"),
+        (["max_seq_len=32"], "has samples of 64 tokens but max_seq_len is 32"),
+        (["load_path=/x.pt"], "load_path restores an optimizer"),
+        (["cpt.eval.datasets.upstream.blends.b={Nope: 1.0}"], "domain 'Nope' is not in"),
+    ],
+)
+def test_bad_configs_fail_before_training(tiny, overrides, message):
+    with pytest.raises(C.ConfigError, match=message):
+        expand(load(tiny, *overrides), TINY)
+
+
+def test_missing_s3_path_is_named(tiny, s3_bucket):
+    with pytest.raises(C.ConfigError, match=f"missing manifest {s3_bucket}/nope/downstream/train/manifest.json"):
+        expand(load(tiny, f"variables.data={s3_bucket}/nope"), TINY)
