@@ -13,35 +13,16 @@ import pytest
 import torch
 
 from cpt import storage
-from cpt.data import synthetic
-from cpt.data.convert import DOMAIN_KEYS, convert
-from cpt.model import save_tiny_pythia
 from cpt.resume import checkpoints, find_resume, prune
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "yamls" / "tiny-cpu.yaml"
-KEY = DOMAIN_KEYS["pile"]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("resume")
-    tok = str(ROOT / "cpt" / "assets" / "tokenizer.json")
-    for name, styles in (("upstream", {"Pile-CC": "prose"}), ("downstream", {"Github": "code"})):
-        for split, n in (("train", 120), ("val", 10)):
-            synthetic.write_jsonl(tmp / f"{name}-{split}.jsonl", styles, docs=n, seed=len(split), domain_key=KEY)
-            convert(
-                [str(tmp / f"{name}-{split}.jsonl")],
-                str(tmp / "data" / name),
-                split,
-                tok,
-                KEY,
-                seq_len=64,
-                workers=1,
-                progress=False,
-            )
-    save_tiny_pythia(str(tmp / "model"))
-    return tmp
+def setup(tmp_path_factory, tiny_project):
+    domains = {"upstream": {"Pile-CC": "prose"}, "downstream": {"Github": "code"}}
+    return tiny_project(tmp_path_factory.mktemp("resume"), domains, {"train": 120, "val": 10})
 
 
 def launch(setup: Path, run: str, save_folder: str, *extra: str) -> subprocess.Popen:

@@ -7,35 +7,16 @@ from pathlib import Path
 import pytest
 
 from cpt import config as C
-from cpt.data import synthetic
-from cpt.data.convert import DOMAIN_KEYS, convert
-from cpt.model import save_tiny_pythia
 from cpt.train import expand
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "yamls" / "tiny-cpu.yaml")
-KEY = DOMAIN_KEYS["pile"]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("cfg")
-    tok = str(ROOT / "cpt" / "assets" / "tokenizer.json")
-    for name in ("upstream", "downstream"):
-        for split in ("train", "val"):
-            synthetic.write_jsonl(tmp / f"{name}-{split}.jsonl", {"Pile-CC": "prose"}, docs=20, seed=1, domain_key=KEY)
-            convert(
-                [str(tmp / f"{name}-{split}.jsonl")],
-                str(tmp / "data" / name),
-                split,
-                tok,
-                KEY,
-                seq_len=64,
-                workers=1,
-                progress=False,
-            )
-    save_tiny_pythia(str(tmp / "model"), seq_len=128)
-    return tmp
+def tiny(tmp_path_factory, tiny_project):
+    domains = {"upstream": {"Pile-CC": "prose"}, "downstream": {"Pile-CC": "prose"}}
+    return tiny_project(tmp_path_factory.mktemp("cfg"), domains, {"train": 20, "val": 20}, model_seq_len=128)
 
 
 def load(tiny, *overrides):
