@@ -38,10 +38,9 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from cpt.train import train_from_yaml
+    from cpt.train import main as train_main
 
-    train_from_yaml(args.config, args.overrides)
-    return 0
+    return train_main([args.config, *args.overrides])
 
 
 def _quickstart(args: argparse.Namespace) -> int:

@@ -105,3 +105,90 @@ class FingerprintGuard(Callback):
                 prune(self.save_folder, self.keep + 1)
             except storage.StorageError as exc:
                 log.warning("could not prune %s: %s", self.save_folder, exc)
+
+
+LOCK = ".cpt-lock.json"
+STALE_AFTER_S = 120.0  # a lock whose heartbeat is older than this belongs to a dead run
+
+
+class RunLockError(RuntimeError):
+    """Another launch of the same run is alive."""
+
+
+def _owner() -> dict:
+    import socket
+
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def _alive_here(owner: dict) -> bool:
+    import socket
+
+    if owner.get("host") != socket.gethostname():
+        return True  # cannot tell from here: trust the heartbeat
+    try:
+        os.kill(int(owner["pid"]), 0)
+        return True
+    except (ProcessLookupError, ValueError, KeyError):
+        return False
+    except PermissionError:
+        return True
+
+
+def acquire(save_folder: str) -> None:
+    """Take the run's lock in ``save_folder``, or raise ``RunLockError`` when a live launch holds it.
+
+    A lock is live while its heartbeat is fresh and, on this host, its process exists; a SIGKILLed run on
+    this host is taken over at once, one on another host after ``STALE_AFTER_S``.
+    """
+    import json
+    import time
+
+    path = storage.join(save_folder, LOCK)
+    if storage.exists(path):
+        held = json.loads(storage.read_bytes(path))
+        age = time.time() - float(held.get("heartbeat", 0))
+        if age < STALE_AFTER_S and _alive_here(held) and held.get("pid") != os.getpid():
+            raise RunLockError(
+                f"{save_folder} is in use by a live run (host {held.get('host')}, pid "
+                f"{held.get('pid')}, heartbeat {age:.0f}s ago); refusing a second launch. If that "
+                f"run is dead, wait {STALE_AFTER_S:.0f}s or delete {path}"
+            )
+    heartbeat(save_folder)
+
+
+def heartbeat(save_folder: str) -> None:
+    import json
+    import time
+
+    storage.write_bytes(storage.join(save_folder, LOCK), json.dumps({**_owner(), "heartbeat": time.time()}).encode())
+
+
+def release(save_folder: str) -> None:
+    path = storage.join(save_folder, LOCK)
+    if storage.is_s3(path):
+        bucket, key = storage.split_s3(path)
+        storage.s3_client().delete_object(Bucket=bucket, Key=key)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+class RunLock(Callback):
+    """Keeps the run's lock fresh while it trains (rank 0) and releases it when training ends."""
+
+    def __init__(self, save_folder: str, every_s: float = 30.0):
+        self.save_folder, self.every_s, self._last = save_folder, every_s, 0.0
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        import time
+
+        if dist.get_global_rank() == 0 and time.time() - self._last >= self.every_s:
+            self._last = time.time()
+            try:
+                heartbeat(self.save_folder)
+            except storage.StorageError as exc:
+                log.warning("could not refresh the run lock: %s", exc)
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        if dist.get_global_rank() == 0:
+            release(self.save_folder)

@@ -113,6 +113,8 @@ def expand(cfg: DictConfig, path: str = "config") -> DictConfig:
         resume_from = resume.find_resume(str(save_folder), os.path.join(cache, "checkpoints"))
         if resume_from:
             out.load_path = resume_from  # the whole state: weights, optimizer, clock, data position, RNG
+    if save_folder:
+        callbacks["cpt_run_lock"] = {"save_folder": str(save_folder)}
     callbacks["cpt_fingerprint"] = {
         "fingerprint": mixture.fingerprint(section, train_manifests),
         "allow_change": section.allow_fingerprint_change,
@@ -130,6 +132,8 @@ def train_from_yaml(path: str, overrides: list[str] | None = None):
     logging.getLogger("cpt").setLevel(logging.INFO)
     cfg = C.load(path, overrides)
     expanded = expand(cfg, path)
+    if expanded.get("save_folder") and os.environ.get("RANK", "0") == "0":
+        resume.acquire(str(expanded.save_folder))  # before anything is written to the save folder
     if os.environ.get("LOCAL_RANK", "0") == "0":
         from streaming.base.util import clean_stale_shared_memory
 
@@ -148,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     except C.ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    except resume.RunLockError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     return 0
 
 

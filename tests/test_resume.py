@@ -145,3 +145,18 @@ def test_fingerprint_mismatch_is_refused(setup, s3_bucket):
             "cpt.allow_fingerprint_change=true",
         )
     )
+
+
+def test_second_launch_is_refused_while_the_first_is_alive(setup, s3_bucket):
+    folder = f"{s3_bucket}/runs/twice"
+    first = launch(setup, "twice", folder, "max_duration=40ba")
+    deadline = time.time() + 300
+    while time.time() < deadline and not storage.exists(f"{folder}/.cpt-lock.json"):
+        time.sleep(0.2)
+    second = launch(setup, "twice", folder, "max_duration=40ba")
+    out, _ = second.communicate(timeout=300)
+    assert second.returncode == 3 and "refusing a second launch" in out and first.poll() is None
+    os.killpg(first.pid, signal.SIGKILL)  # a SIGKILLed run on this host is taken over at once
+    first.wait()
+    finish(launch(setup, "twice", folder, "max_duration=40ba"))
+    assert not storage.exists(f"{folder}/.cpt-lock.json")  # released at the end
