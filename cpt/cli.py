@@ -50,6 +50,13 @@ def _quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from cpt.sweep import sweep
+
+    sweep(args.group, args.out, args.gpus, args.dry_run, args.png)
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from cpt.export import export
 
@@ -84,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="quickstart", help="work folder (default: ./quickstart)")
     p.add_argument("--s3", help="s3:// prefix for data and checkpoints (set S3_ENDPOINT_URL for a local store)")
     p.set_defaults(fn=_quickstart)
+
+    p = sub.add_parser("sweep", help="list a group of runs (yamls/paper/*.yaml) and write their launch commands")
+    p.add_argument("group", help="a sweep group file, e.g. yamls/paper/warmup.yaml")
+    p.add_argument("--out", help="where each run's config is written (default: sweeps/<group>/)")
+    p.add_argument("--gpus", type=int, default=8, help="GPUs per run in the launch commands (default: 8)")
+    p.add_argument("--dry-run", action="store_true", help="validate every run and preview its schedule")
+    p.add_argument("--png", help="with --dry-run: overlay the runs' LR schedules in one plot")
+    p.set_defaults(fn=_sweep)
 
     p = sub.add_parser("export", help="a Composer checkpoint (local or s3://) -> a Hugging Face GPT-NeoX folder")
     p.add_argument("checkpoint")

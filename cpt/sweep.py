@@ -1,0 +1,79 @@
+"""``cpt sweep``: a group of runs as override files over one base config (``yamls/paper/*.yaml``).
+
+A group file names its ``base`` (relative to itself) and ``runs: {name: {dotted.key: value}}``. A mapping
+value replaces that key's whole subtree (a new scheduler or a new set of train sources), unlike a
+command-line override, which merges. Each run gets ``<base run name>-<run>`` as its run name (so its own
+save folder), and its full config is written to ``<out>/<run>.yaml``: the launch command names that file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from omegaconf import DictConfig, OmegaConf
+
+from cpt import config as C
+
+
+@dataclass
+class Run:
+    name: str
+    cfg: DictConfig
+    path: str  # where its config is written
+
+
+def load_group(path: str, out: str) -> list[Run]:
+    try:
+        group = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as exc:
+        raise C.ConfigError(f"{path}: {exc}") from exc
+    unknown = set(group) - {"base", "runs"}
+    if unknown or "base" not in group or not group.get("runs"):
+        raise C.ConfigError(f"{path}: a sweep group has exactly 'base' and 'runs' (found {sorted(group)})")
+    base = os.path.join(os.path.dirname(path), group["base"])
+    if not os.path.isfile(base):
+        raise C.ConfigError(f"{path}: base config {base} not found")
+    runs = []
+    for name, overrides in group["runs"].items():
+        cfg = OmegaConf.load(base)
+        base_name = OmegaConf.select(cfg, "variables.run_name") or cfg.get("run_name", "run")
+        if OmegaConf.select(cfg, "variables.run_name") is not None:
+            cfg.variables.run_name = f"{base_name}-{name}"
+        else:
+            cfg.run_name = f"{base_name}-{name}"
+        for key, value in (overrides or {}).items():
+            OmegaConf.update(cfg, key, value, merge=False)
+        try:
+            OmegaConf.resolve(cfg)
+        except Exception as exc:
+            raise C.ConfigError(f"{path}: runs.{name}: {exc}") from exc
+        runs.append(Run(name, cfg, os.path.join(out, f"{name}.yaml")))
+    return runs
+
+
+def launch_command(run: Run, gpus: int) -> str:
+    return f"composer -n {gpus} -m cpt.train {run.path}"
+
+
+def sweep(path: str, out: str | None, gpus: int, dry_run: bool, png: str | None = None) -> list[Run]:
+    group = os.path.splitext(os.path.basename(path))[0]
+    out = out or os.path.join("sweeps", group)
+    runs = load_group(path, out)
+    previews = []
+    for run in runs:
+        if dry_run:
+            from cpt.optim.preview import describe, preview
+
+            C.check(run.cfg, f"{path}: runs.{run.name}")
+            previews.append(preview(run.cfg, run.name, f"{path}: runs.{run.name}"))
+            print(describe(previews[-1]))
+        os.makedirs(out, exist_ok=True)
+        OmegaConf.save(run.cfg, run.path)
+        print(f"{run.name}: {launch_command(run, gpus)}")
+    if png and previews:
+        from cpt.optim.preview import write_png
+
+        write_png(previews, png)
+        print(f"wrote {png}")
+    return runs
