@@ -57,6 +57,14 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from cpt import report
+
+    runs = [report.load(r) for r in args.runs]
+    print(f"wrote {report.report(runs, args.out, args.upstream, args.downstream)}")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from cpt.export import export
 
@@ -99,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="validate every run and preview its schedule")
     p.add_argument("--png", help="with --dry-run: overlay the runs' LR schedules in one plot")
     p.set_defaults(fn=_sweep)
+
+    p = sub.add_parser("report", help="figures and a summary from runs' metrics.jsonl (local or s3://)")
+    p.add_argument("runs", nargs="+", help="run folders holding metrics.jsonl (runs/<name> or an s3:// save folder)")
+    p.add_argument("--out", default="report", help="output folder (default: ./report)")
+    p.add_argument("--upstream", help="upstream dataset name (default: pile, or upstream)")
+    p.add_argument("--downstream", help="downstream dataset name (default: slimpajama, or downstream)")
+    p.set_defaults(fn=_report)
 
     p = sub.add_parser("export", help="a Composer checkpoint (local or s3://) -> a Hugging Face GPT-NeoX folder")
     p.add_argument("checkpoint")

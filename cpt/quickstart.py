@@ -5,7 +5,7 @@
 2. pre-train a tiny GPT-NeoX on upstream (warmup, cosine decay);
 3. continue it on downstream under three schedules: constant at the final pre-training LR (no
    re-warming), re-warm to the pre-training max LR, re-warm to twice that;
-4. evaluate both domains in the loop and write ``report.md`` and ``losses.png`` with the measured numbers.
+4. evaluate both domains in the loop and write ``summary.md`` and its figures (``cpt report``).
 
 Every training run is ``python -m cpt.train <yaml> ...``: the same path as a GPU run.
 """
@@ -17,15 +17,15 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 
 import yaml
 
-from cpt import storage
+from cpt import report, storage
 from cpt.data import synthetic
 from cpt.data.convert import convert
 from cpt.export import export
 from cpt.model import save_tiny_pythia
+from cpt.report import Run
 
 KEY = "meta.pile_set_name"
 UPSTREAM = {"Prose": "prose", "Science": "science"}
@@ -103,84 +103,45 @@ def _train(cfg: dict, work: str) -> list[dict]:
         return [json.loads(line) for line in fh]
 
 
-@dataclass
-class Curve:
-    batches: list[int]
-    upstream: list[float]
-    downstream: list[float]
-
-
-def curve(rows: list[dict]) -> Curve:
-    key = "metrics/eval/{}/all/LanguageCrossEntropy"
-    by_batch: dict[int, dict] = {}
-    for r in rows:
-        if key.format("upstream") in r:
-            by_batch[r["batch"]] = r  # the last value per batch wins (a resumed run may repeat one)
-    b = sorted(by_batch)
-    return Curve(
-        b, [by_batch[i][key.format("upstream")] for i in b], [by_batch[i][key.format("downstream")] for i in b]
-    )
-
-
-def summarize(curves: dict[str, Curve]) -> dict[str, dict[str, float]]:
-    """Per run: start, peak during the first 10 batches, and final loss on both domains."""
+def summarize(runs: list[Run]) -> dict[str, dict[str, float]]:
+    """Per run: start, the highest loss in the first quarter (from batch 2: batches 0 and 1 train at LR 0), final."""
     out = {}
-    for name, c in curves.items():
-        early = [i for i, b in enumerate(c.batches) if 2 <= b <= CPT_STEPS // 4]  # batches 0 and 1: LR 0
-        out[name] = {
-            "upstream_start": c.upstream[0],
-            "upstream_early_max": max(c.upstream[i] for i in early),
-            "upstream_final": c.upstream[-1],
-            "downstream_start": c.downstream[0],
-            "downstream_early_max": max(c.downstream[i] for i in early),
-            "downstream_final": c.downstream[-1],
+    for run in runs:
+        up = run.series("metrics/eval/upstream/all/LanguageCrossEntropy")
+        down = run.series("metrics/eval/downstream/all/LanguageCrossEntropy")
+        early = [i for i, (b, _, _) in enumerate(up) if 2 <= b <= CPT_STEPS // 4]
+        out[run.label] = {
+            "upstream_start": up[0][2],
+            "upstream_early_max": max(up[i][2] for i in early),
+            "upstream_final": up[-1][2],
+            "downstream_start": down[0][2],
+            "downstream_early_max": max(down[i][2] for i in early),
+            "downstream_final": down[-1][2],
         }
-        out[name]["forgetting"] = out[name]["upstream_final"] - out[name]["upstream_start"]
-        out[name]["adaptation"] = out[name]["downstream_start"] - out[name]["downstream_final"]
+        out[run.label]["forgetting"] = out[run.label]["upstream_final"] - out[run.label]["upstream_start"]
+        out[run.label]["adaptation"] = out[run.label]["downstream_start"] - out[run.label]["downstream_final"]
     return out
 
 
-def write_report(work: str, curves: dict[str, Curve], summary: dict) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, c in curves.items():
-        axes[0].plot(c.batches, c.upstream, label=name, marker=".")
-        axes[1].plot(c.batches, c.downstream, label=name, marker=".")
-    for ax, title in zip(axes, ("upstream (forgetting)", "downstream (adaptation)")):
-        ax.set_title(f"{title} validation loss")
-        ax.set_xlabel("continual pre-training step")
-        ax.set_ylabel("cross-entropy")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(work, "losses.png"), dpi=110)
-    plt.close(fig)
+def write_report(work: str, runs: list[Run], summary: dict) -> str:
+    """``cpt report``'s figures and tables, then the paper's claims checked on the measured numbers."""
+    path = report.report(runs, work, "upstream", "downstream")
     lines = [
-        "# cpt quickstart: re-warming a tiny GPT-NeoX",
         "",
-        f"Pre-trained {PRETRAIN_STEPS} steps on upstream (max LR {MAX_LR:g}, cosine to 0.1x), then "
-        f"{CPT_STEPS} steps on downstream under each schedule. Loss is token-weighted cross-entropy over "
-        "each validation set, measured in the loop.",
+        "## The paper's claims at toy scale",
         "",
-        "| run | upstream start | upstream max (first steps) | upstream final | downstream start | "
-        "downstream final | forgetting | adaptation |",
-        "|---|---|---|---|---|---|---|---|",
+        f"Pre-trained {PRETRAIN_STEPS} steps on upstream (max LR {MAX_LR:g}, cosine to 0.1x), then {CPT_STEPS} "
+        "steps on downstream under each schedule.",
+        "",
+        "| run | upstream max in the first steps | forgetting | adaptation |",
+        "|---|---|---|---|",
     ]
-    for name, s in summary.items():
-        lines.append(
-            f"| {name} | {s['upstream_start']:.4f} | {s['upstream_early_max']:.4f} | "
-            f"{s['upstream_final']:.4f} | {s['downstream_start']:.4f} | {s['downstream_final']:.4f} | "
-            f"{s['forgetting']:+.4f} | {s['adaptation']:+.4f} |"
-        )
-    lines += ["", "![losses](losses.png)", "", "What the paper reports, checked on these numbers:", ""]
+    for name, v in summary.items():
+        lines.append(f"| {name} | {v['upstream_early_max']:.4f} | {v['forgetting']:+.4f} | {v['adaptation']:+.4f} |")
+    lines.append("")
     for claim, ok in checks(summary).items():
         lines.append(f"- {'yes' if ok else 'NO'}: {claim}")
-    path = os.path.join(work, "report.md")
-    with open(path, "w") as fh:
+    with open(path, "a") as fh:
         fh.write("\n".join(lines) + "\n")
     return path
 
@@ -233,17 +194,19 @@ def quickstart(work: str = "quickstart", s3: str | None = None) -> dict:
         storage.join(pre["save_folder"], f"ep0-ba{PRETRAIN_STEPS}-rank0.pt"), os.path.join(work, "pretrained")
     )
     print("3/4 continuing on downstream under three schedules", flush=True)
-    curves = {}
+    runs = []
     for name, (sched, lr) in SCHEDULES.items():
         cfg = base_config(
             root, f"cpt-{name}", base, ["downstream"], lr, dict(sched), CPT_STEPS, from_scratch=False, eval_every=4
         )
-        curves[name] = curve(_train(cfg, work))
+        _train(cfg, work)
+        runs.append(report.load(os.path.join(cfg["cpt"]["run_dir"], cfg["run_name"]), label=name))
     print("4/4 writing the report", flush=True)
-    summary = summarize(curves)
-    report = write_report(work, curves, summary)
+    summary = summarize(runs)
+    path = write_report(work, runs, summary)
     with open(os.path.join(work, "summary.json"), "w") as fh:
         json.dump(summary, fh, indent=2)
-    print(open(report).read())
-    print(f"done in {time.perf_counter() - t0:.0f}s: {report}, {os.path.join(work, 'losses.png')}")
+    with open(path) as fh:
+        print(fh.read())
+    print(f"done in {time.perf_counter() - t0:.0f}s: {path}, {os.path.join(work, 'loss.png')}")
     return summary

@@ -16,9 +16,10 @@ def test_quickstart_reproduces_the_papers_directions(tmp_path):
     assert r2["upstream_final"] > r1["upstream_final"] > c["upstream_final"]
     assert r2["downstream_final"] < r1["downstream_final"] < c["downstream_final"]
     assert all(r["upstream_start"] == c["upstream_start"] for r in (r1, r2))  # all start from the same weights
-    report = (tmp_path / "qs" / "report.md").read_text()
+    report = (tmp_path / "qs" / "summary.md").read_text()
     assert f"{r2['downstream_final']:.4f}" in report and f"{c['forgetting']:+.4f}" in report
-    assert (tmp_path / "qs" / "losses.png").read_bytes()[:4] == b"\x89PNG"
+    for png in ("loss.png", "lr.png", "forgetting.png"):
+        assert (tmp_path / "qs" / png).read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "qs" / "summary.json").read_text()) == s
     # the pre-trained model was exported as a Hugging Face folder and every continual run started from it
     assert (tmp_path / "qs" / "pretrained" / "config.json").is_file()

@@ -1,0 +1,171 @@
+"""``cpt report RUN [RUN ...]``: the papers' figures and a Markdown summary from runs' ``metrics.jsonl``.
+
+A run is a folder holding ``metrics.jsonl`` (``runs/<name>/`` or the run's ``s3://`` save folder) or the file
+itself. A resumed run logs some batches twice; the last value logged for a batch wins, so no point is drawn
+twice. A run still going is drawn up to its last logged batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+from cpt import storage
+
+CE = "LanguageCrossEntropy"
+
+
+@dataclass
+class Run:
+    label: str
+    rows: dict[int, dict]  # batch -> every metric logged at that batch (last value wins)
+
+    def series(self, key: str) -> list[tuple[int, int, float]]:
+        """``(batch, tokens, value)`` for every batch that logged ``key``, in order."""
+        return [(b, r.get("tokens", 0), r[key]) for b, r in sorted(self.rows.items()) if r.get(key) is not None]
+
+    def datasets(self) -> list[str]:
+        keys = {k for r in self.rows.values() for k in r}
+        return sorted({k.split("/")[2] for k in keys if k.startswith("metrics/eval/") and k.endswith(f"/all/{CE}")})
+
+    def domains(self, dataset: str) -> list[str]:
+        keys = {k for r in self.rows.values() for k in r}
+        prefix = f"metrics/eval/{dataset}/"
+        return sorted({k[len(prefix) :].split("/")[0] for k in keys if k.startswith(prefix) and k.endswith(CE)})
+
+
+def load(run: str, label: str | None = None) -> Run:
+    path = run if run.endswith(".jsonl") else storage.join(run, "metrics.jsonl")
+    try:
+        text = storage.read_bytes(path).decode()
+    except storage.StorageError as exc:
+        raise FileNotFoundError(f"no metrics for run {run}: {exc}") from exc
+    rows: dict[int, dict] = {}
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(text.splitlines()):
+                break  # a run killed mid-write leaves a partial last line
+            raise ValueError(f"{path}:{n}: not valid JSON") from None
+        rows.setdefault(int(row["batch"]), {}).update(row)
+    name = label or os.path.basename(os.path.dirname(path).rstrip("/")) or path
+    if name == "checkpoints":  # an s3 save folder: runs/<name>/checkpoints
+        name = os.path.basename(os.path.dirname(os.path.dirname(path)))
+    return Run(name, rows)
+
+
+def pick_pair(runs: list[Run], upstream: str | None, downstream: str | None) -> tuple[str, str]:
+    found = sorted(set().union(*(r.datasets() for r in runs)))
+    if upstream and downstream:
+        return upstream, downstream
+    for up, down in (("pile", "slimpajama"), ("upstream", "downstream")):
+        if up in found and down in found:
+            return up, down
+    if len(found) == 2:
+        return found[0], found[1]
+    raise ValueError(f"name the upstream and downstream datasets (--upstream/--downstream); the runs log {found}")
+
+
+def lr_key(run: Run) -> str | None:
+    keys = sorted({k for r in run.rows.values() for k in r if k.startswith("lr-")})
+    return keys[0] if keys else None
+
+
+def report(runs: list[Run], out: str, upstream: str | None = None, downstream: str | None = None) -> str:
+    """Write ``loss.png``, ``lr.png``, ``forgetting.png`` and ``summary.md`` into ``out``; returns the summary path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    up, down = pick_pair(runs, upstream, downstream)
+    os.makedirs(out, exist_ok=True)
+    all_key = "metrics/eval/{}/all/" + CE
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for run in runs:
+        for ax, ds in zip(axes, (up, down)):
+            s = run.series(all_key.format(ds))
+            ax.plot([t / 1e6 for _, t, _ in s], [v for _, _, v in s], marker=".", label=run.label)
+    for ax, ds, what in zip(axes, (up, down), ("upstream", "downstream")):
+        ax.set(title=f"{what} ({ds}) validation loss", xlabel="tokens (millions)", ylabel="cross-entropy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "loss.png"), dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for run in runs:
+        key = lr_key(run)
+        if key:
+            s = run.series(key)
+            ax.plot([t / 1e6 for _, t, _ in s], [v for _, _, v in s], label=run.label)
+    ax.set(title="learning rate", xlabel="tokens (millions)", ylabel="LR")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "lr.png"), dpi=110)
+    plt.close(fig)
+
+    deltas = {}
+    for run in runs:
+        su, sd = run.series(all_key.format(up)), run.series(all_key.format(down))
+        if su and sd:
+            deltas[run.label] = (su[-1][2] - su[0][2], sd[-1][2] - sd[0][2], su, sd)
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for label, (du, dd, _, _) in deltas.items():
+        ax.scatter(dd, du)
+        ax.annotate(label, (dd, du), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.set(
+        title="forgetting vs adaptation",
+        xlabel=f"change in downstream loss ({down})",
+        ylabel=f"change in upstream loss ({up})",
+    )
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "forgetting.png"), dpi=110)
+    plt.close(fig)
+
+    lines = [
+        "# cpt report",
+        "",
+        f"Upstream: `{up}`, downstream: `{down}`. Loss is the token-weighted cross-entropy "
+        "over each validation set; a change is last evaluation minus first.",
+        "",
+        "| run | last batch | upstream first | upstream last | downstream first | downstream last | "
+        "upstream change | downstream change |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, (du, dd, su, sd) in deltas.items():
+        lines.append(
+            f"| {label} | {su[-1][0]} | {su[0][2]:.4f} | {su[-1][2]:.4f} | {sd[0][2]:.4f} | "
+            f"{sd[-1][2]:.4f} | {du:+.4f} | {dd:+.4f} |"
+        )
+    for ds in (up, down):
+        domains = sorted(set().union(*(r.domains(ds) for r in runs)))
+        lines += [
+            "",
+            f"Final perplexity per domain of `{ds}`:",
+            "",
+            "| domain | " + " | ".join(r.label for r in runs) + " |",
+            "|---" * (len(runs) + 1) + "|",
+        ]
+        for dom in domains:
+            cells = []
+            for run in runs:
+                s = run.series(f"metrics/eval/{ds}/{dom}/{CE}")
+                cells.append(f"{math.exp(s[-1][2]):.2f}" if s else "-")
+            lines.append(f"| {dom} | " + " | ".join(cells) + " |")
+    lines += ["", "![loss](loss.png)", "", "![learning rate](lr.png)", "", "![forgetting](forgetting.png)", ""]
+    path = os.path.join(out, "summary.md")
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines))
+    return path

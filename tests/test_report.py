@@ -1,0 +1,60 @@
+"""``cpt report`` on hand-written metric logs: resumed runs draw no point twice; s3 runs read like local ones."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from cpt import report, storage
+from cpt.cli import main
+
+
+def rows(batches, up, down, lr):
+    out = []
+    for b, u, d, r in zip(batches, up, down, lr):
+        out.append({"batch": b, "tokens": b * 100, "lr-AdamW/group0": r})
+        out.append(
+            {
+                "batch": b,
+                "tokens": b * 100,
+                "metrics/eval/pile/all/LanguageCrossEntropy": u,
+                "metrics/eval/pile/pile-cc/LanguageCrossEntropy": u + 0.1,
+                "metrics/eval/slimpajama/all/LanguageCrossEntropy": d,
+                "metrics/eval/slimpajama/redpajamac4/LanguageCrossEntropy": d - 0.1,
+            }
+        )
+    return out
+
+
+def write(path, items, tail=""):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in items) + tail)
+
+
+def test_resumed_run_keeps_the_last_value_per_batch(tmp_path):
+    first = rows([0, 4, 8], [2.0, 2.5, 2.4], [3.0, 2.8, 2.6], [0.0, 3e-4, 2e-4])
+    # killed after batch 8 and resumed from the checkpoint at 4: batches 4 and 8 are logged again
+    again = rows([4, 8, 12], [2.5, 2.45, 2.3], [2.8, 2.55, 2.2], [3e-4, 2e-4, 1e-4])
+    write(tmp_path / "runs" / "a" / "metrics.jsonl", first + again, tail='{"batch": 12, "tok')  # partial line
+    run = report.load(str(tmp_path / "runs" / "a"))
+    assert run.label == "a"
+    s = run.series("metrics/eval/pile/all/LanguageCrossEntropy")
+    assert [b for b, _, _ in s] == [0, 4, 8, 12] and s[2][2] == 2.45 and s[3][1] == 1200
+
+
+def test_report_from_local_and_s3(tmp_path, s3_bucket, capsys):
+    write(tmp_path / "runs" / "rewarm" / "metrics.jsonl", rows([0, 10], [2.0, 2.6], [3.0, 2.0], [0.0, 3e-4]))
+    local = tmp_path / "runs" / "const" / "metrics.jsonl"
+    write(local, rows([0, 10], [2.0, 2.1], [3.0, 2.7], [3e-5, 3e-5]))
+    storage.upload_file(str(local), f"{s3_bucket}/runs/const/checkpoints/metrics.jsonl")
+    out = tmp_path / "report"
+    assert (
+        main(["report", str(tmp_path / "runs" / "rewarm"), f"{s3_bucket}/runs/const/checkpoints", "--out", str(out)])
+        == 0
+    )
+    text = (out / "summary.md").read_text()
+    assert "| rewarm | 10 | 2.0000 | 2.6000 | 3.0000 | 2.0000 | +0.6000 | -1.0000 |" in text
+    assert "| const | 10 | 2.0000 | 2.1000 | 3.0000 | 2.7000 | +0.1000 | -0.3000 |" in text
+    assert f"| redpajamac4 | {math.exp(1.9):.2f} | {math.exp(2.6):.2f} |" in text
+    for png in ("loss.png", "lr.png", "forgetting.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
