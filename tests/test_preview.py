@@ -19,10 +19,18 @@ YAMLS = sorted((ROOT / "yamls").rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", YAMLS, ids=[str(p.relative_to(ROOT / "yamls")) for p in YAMLS])
-def test_every_yaml_validates(path):
-    cfg = C.load(str(path))
-    if "cpt" in cfg:  # train configs; paper/ files are override groups, checked by their own tests
-        C.check(cfg, str(path))
+def test_every_yaml_validates(path, tmp_path):
+    from omegaconf import OmegaConf
+
+    from cpt.sweep import load_group
+
+    if "base" in OmegaConf.load(path):  # a sweep group (yamls/paper/): every run in it
+        runs = load_group(str(path), str(tmp_path))
+        assert runs
+        for run in runs:
+            C.check(run.cfg, f"{path}: runs.{run.name}")
+    else:
+        C.check(C.load(str(path)), str(path))
 
 
 def test_paper_schedule_boundaries(tmp_path, capsys):
