@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import json
@@ -11,7 +10,7 @@ import os
 import shutil
 
 from cpt import storage
-from cpt.cache import cache_dir
+from cpt.cache import cache_dir, locked
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +26,7 @@ def resolve_folder(spec: str) -> str:
         return spec
     local = cache_dir("models", hashlib.sha256(spec.rstrip("/").encode()).hexdigest()[:16])
     done = os.path.join(local, ".complete")
-    with open(os.path.join(local, ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked(local):
         if not os.path.isfile(done):
             keys = [k for k in storage.list_prefix(spec) if not k.endswith("/")]
             if "config.json" not in keys:

@@ -9,10 +9,12 @@ it is corrupt. The data fingerprint travels in the checkpoint (``FingerprintGuar
 
 from __future__ import annotations
 
-import fcntl
+import json
 import logging
 import os
 import re
+import socket
+import time
 import zipfile
 
 from composer.core import Callback, State
@@ -20,6 +22,7 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 from cpt import storage
+from cpt.cache import locked
 
 log = logging.getLogger(__name__)
 CHECKPOINT = re.compile(r"^ep(\d+)-ba(\d+)-rank0\.pt$")
@@ -45,9 +48,7 @@ def intact(path: str) -> bool:
 
 def find_resume(save_folder: str, cache: str) -> str | None:
     """A local path to the newest intact checkpoint in ``save_folder``, or None when it holds none."""
-    os.makedirs(cache, exist_ok=True)
-    with open(os.path.join(cache, ".lock"), "w") as lock:  # ranks on one node download once
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked(cache):  # ranks on one node download once
         for batch, name in checkpoints(save_folder):
             url = storage.join(save_folder, name)
             local = url
@@ -68,12 +69,7 @@ def prune(save_folder: str, keep: int) -> list[str]:
         return []
     doomed = [name for _, name in checkpoints(save_folder)[keep:]]
     for name in doomed:
-        url = storage.join(save_folder, name)
-        if storage.is_s3(url):
-            bucket, key = storage.split_s3(url)
-            storage.s3_client().delete_object(Bucket=bucket, Key=key)
-        else:
-            os.remove(url)
+        storage.delete(storage.join(save_folder, name))
     return doomed
 
 
@@ -116,14 +112,10 @@ class RunLockError(RuntimeError):
 
 
 def _owner() -> dict:
-    import socket
-
     return {"host": socket.gethostname(), "pid": os.getpid()}
 
 
 def _alive_here(owner: dict) -> bool:
-    import socket
-
     if owner.get("host") != socket.gethostname():
         return True  # cannot tell from here: trust the heartbeat
     try:
@@ -141,9 +133,6 @@ def acquire(save_folder: str) -> None:
     A lock is live while its heartbeat is fresh and, on this host, its process exists; a SIGKILLed run on
     this host is taken over at once, one on another host after ``STALE_AFTER_S``.
     """
-    import json
-    import time
-
     path = storage.join(save_folder, LOCK)
     if storage.exists(path):
         held = json.loads(storage.read_bytes(path))
@@ -158,19 +147,11 @@ def acquire(save_folder: str) -> None:
 
 
 def heartbeat(save_folder: str) -> None:
-    import json
-    import time
-
     storage.write_bytes(storage.join(save_folder, LOCK), json.dumps({**_owner(), "heartbeat": time.time()}).encode())
 
 
 def release(save_folder: str) -> None:
-    path = storage.join(save_folder, LOCK)
-    if storage.is_s3(path):
-        bucket, key = storage.split_s3(path)
-        storage.s3_client().delete_object(Bucket=bucket, Key=key)
-    elif os.path.exists(path):
-        os.remove(path)
+    storage.delete(storage.join(save_folder, LOCK))
 
 
 class RunLock(Callback):
@@ -180,8 +161,6 @@ class RunLock(Callback):
         self.save_folder, self.every_s, self._last = save_folder, every_s, 0.0
 
     def batch_end(self, state: State, logger: Logger) -> None:
-        import time
-
         if dist.get_global_rank() == 0 and time.time() - self._last >= self.every_s:
             self._last = time.time()
             try:

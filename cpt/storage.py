@@ -10,6 +10,7 @@ import fnmatch
 import glob
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -18,6 +19,17 @@ S3 = "s3://"
 
 class StorageError(RuntimeError):
     """A path or bucket cannot be read or written; the message names it."""
+
+
+@contextmanager
+def _s3_errors(what: str):
+    """botocore's errors, re-raised as ``StorageError`` that says what was being done."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except (BotoCoreError, ClientError) as exc:
+        raise StorageError(f"{what}: {exc}") from exc
 
 
 def is_s3(path: str) -> bool:
@@ -76,13 +88,9 @@ def _expand_s3(pattern: str) -> list[str]:
 
 
 def _list_s3(bucket: str, prefix: str) -> list[str]:
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    try:
+    with _s3_errors(f"cannot list s3://{bucket}/{prefix}"):
         pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
         return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
-    except (BotoCoreError, ClientError) as exc:
-        raise StorageError(f"cannot list s3://{bucket}/{prefix}: {exc}") from exc
 
 
 def list_prefix(url: str) -> list[str]:
@@ -99,13 +107,9 @@ def list_prefix(url: str) -> list[str]:
 
 def size(path: str) -> int:
     if is_s3(path):
-        from botocore.exceptions import BotoCoreError, ClientError
-
         bucket, key = split_s3(path)
-        try:
+        with _s3_errors(f"cannot stat {path}"):
             return int(s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
-        except (BotoCoreError, ClientError) as exc:
-            raise StorageError(f"cannot stat {path}: {exc}") from exc
     try:
         return os.path.getsize(path)
     except OSError as exc:
@@ -130,13 +134,9 @@ def exists(path: str) -> bool:
 def open_binary(path: str):
     """A readable binary stream over a local file or an S3 object (streamed, not loaded)."""
     if is_s3(path):
-        from botocore.exceptions import BotoCoreError, ClientError
-
         bucket, key = split_s3(path)
-        try:
+        with _s3_errors(f"cannot read {path}"):
             return s3_client().get_object(Bucket=bucket, Key=key)["Body"]
-        except (BotoCoreError, ClientError) as exc:
-            raise StorageError(f"cannot read {path}: {exc}") from exc
     try:
         return open(path, "rb")
     except OSError as exc:
@@ -150,13 +150,9 @@ def read_bytes(path: str) -> bytes:
 
 def write_bytes(path: str, data: bytes) -> None:
     if is_s3(path):
-        from botocore.exceptions import BotoCoreError, ClientError
-
         bucket, key = split_s3(path)
-        try:
+        with _s3_errors(f"cannot write {path}"):
             s3_client().put_object(Bucket=bucket, Key=key, Body=data)
-        except (BotoCoreError, ClientError) as exc:
-            raise StorageError(f"cannot write {path}: {exc}") from exc
         return
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -168,18 +164,24 @@ def write_bytes(path: str, data: bytes) -> None:
         raise StorageError(f"cannot write {path}: {exc.strerror}") from exc
 
 
+def delete(path: str) -> None:
+    """Remove a file or object; a missing one is not an error."""
+    if is_s3(path):
+        bucket, key = split_s3(path)
+        with _s3_errors(f"cannot delete {path}"):
+            s3_client().delete_object(Bucket=bucket, Key=key)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
 def upload_file(local: str, url: str) -> None:
     if not is_s3(url):
         Path(url).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(local, url)
         return
-    from botocore.exceptions import BotoCoreError, ClientError
-
     bucket, key = split_s3(url)
-    try:
+    with _s3_errors(f"cannot upload {local} to {url}"):
         s3_client().upload_file(local, bucket, key)
-    except (BotoCoreError, ClientError) as exc:
-        raise StorageError(f"cannot upload {local} to {url}: {exc}") from exc
 
 
 def download_file(url: str, local: str) -> None:
@@ -187,30 +189,22 @@ def download_file(url: str, local: str) -> None:
     if not is_s3(url):
         shutil.copyfile(url, local)
         return
-    from botocore.exceptions import BotoCoreError, ClientError
-
     bucket, key = split_s3(url)
     tmp = f"{local}.part{os.getpid()}"
-    try:
+    with _s3_errors(f"cannot download {url}"):
         s3_client().download_file(bucket, key, tmp)
-        os.replace(tmp, local)
-    except (BotoCoreError, ClientError) as exc:
-        raise StorageError(f"cannot download {url}: {exc}") from exc
+    os.replace(tmp, local)
 
 
 def check_writable(url: str) -> None:
     """Fail fast when ``url`` cannot be written: a probe object is written and deleted."""
     probe = join(url, ".cpt-write-probe")
     if is_s3(url):
-        from botocore.exceptions import BotoCoreError, ClientError
-
         bucket, key = split_s3(probe)
         client = s3_client()
-        try:
+        with _s3_errors(f"output {url} is not writable"):
             client.put_object(Bucket=bucket, Key=key, Body=b"")
             client.delete_object(Bucket=bucket, Key=key)
-        except (BotoCoreError, ClientError) as exc:
-            raise StorageError(f"output {url} is not writable: {exc}") from exc
         return
     try:
         Path(url).mkdir(parents=True, exist_ok=True)

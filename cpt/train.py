@@ -78,7 +78,8 @@ def expand(cfg: DictConfig, path: str = "config") -> DictConfig:
     if section.eval.datasets:
         out.eval_loaders = domains.eval_loaders(section, eval_manifests, seq_len, cache)
         out.eval_first = section.eval.first
-        warmup_end = math.ceil(scheduler.phases(clock)[1][1]) if len(scheduler.phases(clock)) > 1 else 0
+        phases = scheduler.phases(clock)
+        warmup_end = math.ceil(phases[1][1]) if len(phases) > 1 else 0
         world = int(os.environ.get("WORLD_SIZE", "1"))
         callbacks["cpt_eval_cadence"] = {
             "interval": math.ceil(clock.batches(section.eval.interval, "cpt.eval.interval")),
