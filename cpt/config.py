@@ -15,7 +15,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
 
-OWNED = ("model", "tokenizer", "train_loader", "eval_loader", "eval_loaders")
+OWNED = ("model", "tokenizer", "train_loader", "eval_loader", "eval_loaders", "save_num_checkpoints_to_keep")
 
 
 class ConfigError(ValueError):
@@ -61,6 +61,8 @@ class Cpt:
     run_dir: str = "runs"  # local: <run_dir>/<run_name>/ holds metrics.jsonl and caches
     allow_fingerprint_change: bool = False  # resume onto different data anyway
     keep_checkpoints: int = 3  # newest checkpoints kept in save_folder (0: all); Composer never deletes remote ones
+    s3_retry_s: float = 600.0  # an S3 outage longer than this fails the upload or download, naming it
+    log_samples: bool = False  # <run_dir>/<run>/samples-rank<r>.jsonl: a digest of every sample trained
 
 
 def _coerce(tp, value, where: str):

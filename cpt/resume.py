@@ -76,9 +76,8 @@ def prune(save_folder: str, keep: int) -> list[str]:
 class FingerprintGuard(Callback):
     """Stores the data fingerprint in every checkpoint; refuses to resume onto different data."""
 
-    def __init__(self, fingerprint: str, allow_change: bool = False, save_folder: str | None = None, keep: int = 0):
+    def __init__(self, fingerprint: str, allow_change: bool = False):
         self.fingerprint, self.allow_change = fingerprint, allow_change
-        self.save_folder, self.keep = save_folder, keep
 
     def state_dict(self) -> dict:
         return {"fingerprint": self.fingerprint}
@@ -93,14 +92,6 @@ class FingerprintGuard(Callback):
             if not self.allow_change:
                 raise ValueError(msg + "; set cpt.allow_fingerprint_change=true to resume anyway")
             log.warning("%s; resuming anyway (cpt.allow_fingerprint_change)", msg)
-
-    def batch_checkpoint(self, state: State, logger: Logger) -> None:
-        # older checkpoints than the newest `keep` + 1 (the newest may still be uploading) are deleted
-        if self.save_folder and self.keep > 0 and dist.get_global_rank() == 0:
-            try:
-                prune(self.save_folder, self.keep + 1)
-            except storage.StorageError as exc:
-                log.warning("could not prune %s: %s", self.save_folder, exc)
 
 
 LOCK = ".cpt-lock.json"

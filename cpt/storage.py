@@ -8,28 +8,78 @@ from __future__ import annotations
 
 import fnmatch
 import glob
+import logging
 import os
 import shutil
-from contextlib import contextmanager
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlparse
 
 S3 = "s3://"
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class StorageError(RuntimeError):
     """A path or bucket cannot be read or written; the message names it."""
 
 
-@contextmanager
-def _s3_errors(what: str):
-    """botocore's errors, re-raised as ``StorageError`` that says what was being done."""
+RETRY_ENV = "CPT_S3_RETRY_S"  # how long an S3 outage is ridden out before giving up (cpt.s3_retry_s sets it)
+DEFAULT_RETRY_S = 600.0
+_TRANSIENT_CODES = {"500", "502", "503", "504", "SlowDown", "Throttling", "RequestTimeout", "InternalError"}
+
+
+def retry_limit_s() -> float:
+    return float(os.environ.get(RETRY_ENV, DEFAULT_RETRY_S))
+
+
+def _transient(exc: BaseException) -> bool:
+    """A connection failure, a timeout or a 5xx/throttle answer: worth retrying."""
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import (
+        ClientError,
+        ConnectionError,
+        HTTPClientError,
+        IncompleteReadError,
+        ResponseStreamingError,
+    )
+
+    if isinstance(exc, ConnectionError | HTTPClientError | IncompleteReadError | ResponseStreamingError):
+        return True
+    if isinstance(exc, ClientError):
+        return str(exc.response.get("Error", {}).get("Code")) in _TRANSIENT_CODES
+    if isinstance(exc, S3UploadFailedError):  # boto3 wraps the ClientError of a failed (multipart) upload
+        return exc.__context__ is not None and _transient(exc.__context__)
+    return False
+
+
+def _s3(what: str, call: Callable[[], T]) -> T:
+    """Run an S3 call, riding out transient errors with exponential backoff for up to ``retry_limit_s()``.
+
+    Other errors, and an outage longer than the limit, raise ``StorageError`` that says what was being done.
+    """
+    from boto3.exceptions import Boto3Error
     from botocore.exceptions import BotoCoreError, ClientError
 
-    try:
-        yield
-    except (BotoCoreError, ClientError) as exc:
-        raise StorageError(f"{what}: {exc}") from exc
+    start, delay, limit = time.monotonic(), 0.5, retry_limit_s()
+    while True:
+        try:
+            return call()
+        except (BotoCoreError, ClientError, Boto3Error) as exc:
+            waited = time.monotonic() - start
+            if not _transient(exc):
+                raise StorageError(f"{what}: {exc}") from exc
+            if waited >= limit:
+                raise StorageError(
+                    f"{what}: S3 unreachable for {waited:.0f}s, longer than the retry limit of {limit:.0f}s "
+                    f"(cpt.s3_retry_s, or {RETRY_ENV}); last error: {exc}"
+                ) from exc
+            pause = min(delay, 8.0, limit - waited)
+            log.warning("%s: %s; retrying in %.1fs (gives up after %.0fs)", what, exc, pause, limit)
+            time.sleep(pause)
+            delay *= 2
 
 
 def is_s3(path: str) -> bool:
@@ -47,7 +97,7 @@ def s3_client():
     import boto3
     from botocore.config import Config
 
-    cfg = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=60)
+    cfg = Config(retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=5, read_timeout=60)  # see _s3
     return boto3.client("s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL") or None, config=cfg)
 
 
@@ -88,9 +138,11 @@ def _expand_s3(pattern: str) -> list[str]:
 
 
 def _list_s3(bucket: str, prefix: str) -> list[str]:
-    with _s3_errors(f"cannot list s3://{bucket}/{prefix}"):
+    def call():
         pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
         return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+
+    return _s3(f"cannot list s3://{bucket}/{prefix}", call)
 
 
 def list_prefix(url: str) -> list[str]:
@@ -108,8 +160,7 @@ def list_prefix(url: str) -> list[str]:
 def size(path: str) -> int:
     if is_s3(path):
         bucket, key = split_s3(path)
-        with _s3_errors(f"cannot stat {path}"):
-            return int(s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
+        return int(_s3(f"cannot stat {path}", lambda: s3_client().head_object(Bucket=bucket, Key=key))["ContentLength"])
     try:
         return os.path.getsize(path)
     except OSError as exc:
@@ -122,21 +173,24 @@ def exists(path: str) -> bool:
     from botocore.exceptions import ClientError
 
     bucket, key = split_s3(path)
-    try:
-        s3_client().head_object(Bucket=bucket, Key=key)
-        return True
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-            return False
-        raise StorageError(f"cannot reach {path}: {exc}") from exc
+
+    def call() -> bool:
+        try:
+            s3_client().head_object(Bucket=bucket, Key=key)
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+
+    return _s3(f"cannot reach {path}", call)
 
 
 def open_binary(path: str):
     """A readable binary stream over a local file or an S3 object (streamed, not loaded)."""
     if is_s3(path):
         bucket, key = split_s3(path)
-        with _s3_errors(f"cannot read {path}"):
-            return s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+        return _s3(f"cannot read {path}", lambda: s3_client().get_object(Bucket=bucket, Key=key))["Body"]
     try:
         return open(path, "rb")
     except OSError as exc:
@@ -151,8 +205,7 @@ def read_bytes(path: str) -> bytes:
 def write_bytes(path: str, data: bytes) -> None:
     if is_s3(path):
         bucket, key = split_s3(path)
-        with _s3_errors(f"cannot write {path}"):
-            s3_client().put_object(Bucket=bucket, Key=key, Body=data)
+        _s3(f"cannot write {path}", lambda: s3_client().put_object(Bucket=bucket, Key=key, Body=data))
         return
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -168,20 +221,21 @@ def delete(path: str) -> None:
     """Remove a file or object; a missing one is not an error."""
     if is_s3(path):
         bucket, key = split_s3(path)
-        with _s3_errors(f"cannot delete {path}"):
-            s3_client().delete_object(Bucket=bucket, Key=key)
+        _s3(f"cannot delete {path}", lambda: s3_client().delete_object(Bucket=bucket, Key=key))
     elif os.path.exists(path):
         os.remove(path)
 
 
-def upload_file(local: str, url: str) -> None:
+def upload_file(local: str, url: str, progress: Callable[[int], None] | None = None) -> None:
+    """Copy ``local`` to ``url``; an S3 object appears whole or not at all. ``progress`` gets byte increments."""
     if not is_s3(url):
         Path(url).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(local, url)
+        tmp = f"{url}.part{os.getpid()}"
+        shutil.copyfile(local, tmp)
+        os.replace(tmp, url)
         return
     bucket, key = split_s3(url)
-    with _s3_errors(f"cannot upload {local} to {url}"):
-        s3_client().upload_file(local, bucket, key)
+    _s3(f"cannot upload {local} to {url}", lambda: s3_client().upload_file(local, bucket, key, Callback=progress))
 
 
 def download_file(url: str, local: str) -> None:
@@ -191,8 +245,7 @@ def download_file(url: str, local: str) -> None:
         return
     bucket, key = split_s3(url)
     tmp = f"{local}.part{os.getpid()}"
-    with _s3_errors(f"cannot download {url}"):
-        s3_client().download_file(bucket, key, tmp)
+    _s3(f"cannot download {url}", lambda: s3_client().download_file(bucket, key, tmp))
     os.replace(tmp, local)
 
 
@@ -202,9 +255,12 @@ def check_writable(url: str) -> None:
     if is_s3(url):
         bucket, key = split_s3(probe)
         client = s3_client()
-        with _s3_errors(f"output {url} is not writable"):
+
+        def call():
             client.put_object(Bucket=bucket, Key=key, Body=b"")
             client.delete_object(Bucket=bucket, Key=key)
+
+        _s3(f"output {url} is not writable", call)
         return
     try:
         Path(url).mkdir(parents=True, exist_ok=True)

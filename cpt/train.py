@@ -14,13 +14,14 @@ import copy
 import logging
 import math
 import os
+import shutil
 import sys
 
 from omegaconf import DictConfig
 
 from cpt import config as C
+from cpt import faults, resume, storage
 from cpt import model as M
-from cpt import resume
 from cpt.cache import cache_dir
 from cpt.data import mixture
 from cpt.eval import domains
@@ -111,16 +112,27 @@ def expand(cfg: DictConfig, path: str = "config") -> DictConfig:
     sharded = (cfg.get("fsdp_config") or {}).get("state_dict_type") == "sharded"
     out.autoresume = bool(save_folder) and sharded  # sharded checkpoints: Composer's own autoresume
     if save_folder and not sharded:
-        resume_from = resume.find_resume(str(save_folder), os.path.join(cache, "checkpoints"))
+        save_folder = str(save_folder)
+        resume_from = resume.find_resume(save_folder, os.path.join(cache, "checkpoints"))
         if resume_from:
             out.load_path = resume_from  # the whole state: weights, optimizer, clock, data position, RNG
+        staging = os.path.join(cache, "staging") if storage.is_s3(save_folder) else None
+        out.save_folder = staging or save_folder  # Composer writes locally; cpt_checkpoint_upload uploads
+        out.save_num_checkpoints_to_keep = -1  # trimming is cpt_checkpoint_upload's (cpt.keep_checkpoints)
+        callbacks["cpt_checkpoint_upload"] = {
+            "save_folder": save_folder,
+            "staging": staging,
+            "keep": section.keep_checkpoints,
+        }
     if save_folder:
         callbacks["cpt_run_lock"] = {"save_folder": str(save_folder)}
+    if faults.planned():
+        callbacks["cpt_faults"] = {"save_folder": out.get("save_folder")}
+    if section.log_samples:
+        callbacks["cpt_sample_log"] = {"folder": run_dir}
     callbacks["cpt_fingerprint"] = {
         "fingerprint": mixture.fingerprint(section, train_manifests),
         "allow_change": section.allow_fingerprint_change,
-        "save_folder": str(save_folder) if save_folder else None,
-        "keep": section.keep_checkpoints,
     }
     out.callbacks = callbacks
     return out
@@ -132,13 +144,18 @@ def train_from_yaml(path: str, overrides: list[str] | None = None):
     logging.basicConfig(format="%(asctime)s: %(levelname)s: %(name)s: %(message)s")
     logging.getLogger("cpt").setLevel(logging.INFO)
     cfg = C.load(path, overrides)
+    os.environ[storage.RETRY_ENV] = str(C.check(cfg, path).s3_retry_s)  # for every S3 call of this run
     expanded = expand(cfg, path)
-    if expanded.get("save_folder") and os.environ.get("RANK", "0") == "0":
-        resume.acquire(str(expanded.save_folder))  # before anything is written to the save folder
+    callbacks = expanded.get("callbacks") or {}
+    uploads = callbacks.get("cpt_checkpoint_upload") or {}
+    if "cpt_run_lock" in callbacks and os.environ.get("RANK", "0") == "0":
+        resume.acquire(callbacks["cpt_run_lock"]["save_folder"])  # before anything is written to the save folder
     if os.environ.get("LOCAL_RANK", "0") == "0":
         from streaming.base.util import clean_stale_shared_memory
 
         clean_stale_shared_memory()  # a killed run leaves /dev/shm segments that would block this one
+        if uploads.get("staging"):
+            shutil.rmtree(uploads["staging"], ignore_errors=True)  # a killed run's partial or unsent saves
     log.info("expanded %s for llm-foundry", path)
     return train(expanded)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -32,15 +34,42 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class MotoServer:
+    """moto's S3 server on a fixed loopback port; ``stop`` and ``start`` simulate an outage (moto keeps its
+    buckets in process memory, so they survive a restart)."""
+
+    def __init__(self, port: int):
+        self.port, self.server = port, None
+        self.endpoint = f"http://127.0.0.1:{port}"
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def outage(self, seconds: float) -> threading.Thread:
+        """Stop the server now and start it again ``seconds`` later, in the background."""
+        self.stop()
+
+        def restart():
+            time.sleep(seconds)
+            self.start()
+
+        thread = threading.Thread(target=restart, daemon=True)
+        thread.start()
+        return thread
+
+
 @pytest.fixture(scope="session")
-def s3_server():
-    """moto's S3 server in HTTP mode on 127.0.0.1; yields its endpoint URL."""
+def moto() -> MotoServer:
+    """moto's S3 server in HTTP mode on 127.0.0.1, with dummy credentials and cloud variables cleared."""
     import logging
 
-    from moto.server import ThreadedMotoServer
-
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-
     for var in _CLOUD_VARS:
         os.environ.pop(var, None)
     os.environ.update(
@@ -49,13 +78,17 @@ def s3_server():
         AWS_DEFAULT_REGION="us-east-1",
         AWS_EC2_METADATA_DISABLED="true",
     )
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server = MotoServer(_free_port())
     server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    os.environ["S3_ENDPOINT_URL"] = endpoint
-    yield endpoint
+    os.environ["S3_ENDPOINT_URL"] = server.endpoint
+    yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(moto) -> str:
+    """The loopback S3 server's endpoint URL."""
+    return moto.endpoint
 
 
 @pytest.fixture

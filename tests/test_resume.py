@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 
-from cpt import storage
+from cpt import faults, samples, storage
 from cpt.resume import checkpoints, find_resume, prune
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +27,7 @@ def setup(tmp_path_factory, tiny_project):
     return tiny_project(tmp_path_factory.mktemp("resume"), domains, {"train": 120, "val": 10})
 
 
-def launch(setup: Path, run: str, save_folder: str, *extra: str) -> subprocess.Popen:
+def launch(setup: Path, run: str, save_folder: str, *extra: str, fault: str = "") -> subprocess.Popen:
     args = [
         f"variables.data={setup / 'data'}",
         f"variables.model={setup / 'model'}",
@@ -38,9 +40,10 @@ def launch(setup: Path, run: str, save_folder: str, *extra: str) -> subprocess.P
         "cpt.eval.interval=8ba",
         "cpt.eval.warmup_interval=null",
         "cpt.keep_checkpoints=0",
+        "cpt.log_samples=true",
         *extra,
     ]
-    env = {**os.environ, "CPT_CACHE": str(setup / "cache" / run)}
+    env = {**os.environ, "CPT_CACHE": str(setup / "cache" / run), faults.ENV: fault}
     return subprocess.Popen(
         [sys.executable, "-m", "cpt.train", str(TINY), *args],
         cwd=setup,
@@ -77,29 +80,62 @@ def assert_identical(a, b, where="state"):
             assert_identical(x, y, f"{where}[{i}]")
 
 
-def test_sigkill_and_relaunch_is_bit_identical(setup, s3_bucket):
+def group_gone(pgid: int, within_s: float = 10.0) -> bool:
+    """True once no process of the killed launch's process group is left (no stray workers)."""
+    deadline = time.time() + within_s
+    while time.time() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_kills_at_random_points_resume_bit_identical(setup, s3_bucket):
+    """SIGKILL during a step, an evaluation, a checkpoint write, an upload, and at a random moment; each time the
+    same command resumes. The end state and the samples trained equal an uninterrupted run's."""
+    shm_before = set(os.listdir("/dev/shm"))
     ref = f"{s3_bucket}/runs/ref"
     finish(launch(setup, "ref", ref))
 
-    run = f"{s3_bucket}/runs/killed"
-    kills = 0
+    rng = random.Random(5)
+    plan = [f"step:{rng.randint(5, 7)}", "eval:8", f"save:{rng.choice([8, 12])}", "upload:16"]
+    run, outputs = f"{s3_bucket}/runs/killed", []
+    for fault in plan:
+        proc = launch(setup, "killed", run, fault=fault)
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == -signal.SIGKILL, out[-3000:]
+        assert f"fault injected: SIGKILL during {fault.replace(':', ' at batch ')}" in out
+        assert group_gone(proc.pid), f"processes of the run killed at {fault} outlived it"
+        outputs.append(out)
+    assert not any(b == 16 for b, _ in checkpoints(run))  # the upload of the last one was cut mid-way
+    # and once at a random moment of the resumed run, killing its whole process group from outside
     proc = launch(setup, "killed", run)
-    for target in (4, 8):  # kill right after the checkpoint at `target` reaches S3, mid-way through the next steps
-        deadline = time.time() + 300
-        while time.time() < deadline and not any(b >= target for b, _ in checkpoints(run)):
-            time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        kills += 1
-        proc = launch(setup, "killed", run)
-    out = finish(proc)
-    assert kills == 2 and "resuming from" in out
+    log = setup / "runs" / "killed" / "samples-rank0.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and '"batch": 13' not in log.read_text():
+        time.sleep(0.05)
+    time.sleep(rng.uniform(0.0, 1.0))
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    outputs.append(finish(launch(setup, "killed", run)))
+    assert sum("resuming from" in out for out in outputs) >= 3
+
     a, b = final_state(ref, setup), final_state(run, setup)
     assert_identical(a["model"], b["model"], "model")
     assert_identical(a["optimizers"], b["optimizers"], "optimizers")
     ta, tb = a["timestamp"]["Timestamp"], b["timestamp"]["Timestamp"]
     assert (ta["batch"], ta["sample"], ta["token"]) == (tb["batch"], tb["sample"], tb["token"]) == (16, 64, 4096)
     assert a["dataset_state"] == b["dataset_state"]  # the data position: the same samples were consumed
+
+    ref_batches, ref_replays = samples.read(str(setup / "runs" / "ref" / "samples-rank0.jsonl"))
+    got_batches, replays = samples.read(str(log))
+    assert len(ref_batches) == 16 and not ref_replays
+    assert got_batches == ref_batches  # the same samples in the same order: none lost, none repeated
+    assert Counter(s for b in got_batches for s in b) == Counter(s for b in ref_batches for s in b)
+    assert replays and all(first == last for _, first, last in replays)  # a re-trained batch is the same batch
+    assert set(os.listdir("/dev/shm")) <= shm_before  # the killed runs' shared memory was cleaned up
 
 
 def test_corrupt_newest_checkpoint_falls_back(setup, s3_bucket, tmp_path, caplog):

@@ -1,0 +1,90 @@
+"""Deliberate SIGKILLs at chosen points, for the preemption tests and ``benchmarks/resume.py``.
+
+``CPT_FAULT=<point>:<batch>`` makes the run kill itself with SIGKILL (nothing gets to clean up, as in a
+preemption) at one point of batch ``<batch>``:
+
+- ``step``: after the backward pass of the batch that starts at ``<batch>``, before the optimizer step;
+- ``eval``: mid-way through the evaluation held at ``<batch>``;
+- ``save``: while the checkpoint of ``<batch>`` is being written;
+- ``upload``: once half of the checkpoint of ``<batch>`` has been sent to the save folder.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+from composer.core import Callback, State
+from composer.loggers import Logger
+
+log = logging.getLogger(__name__)
+ENV = "CPT_FAULT"
+POINTS = ("step", "eval", "save", "upload")
+
+
+def planned() -> tuple[str, int] | None:
+    """The fault asked for in ``CPT_FAULT``, or None."""
+    spec = os.environ.get(ENV, "").strip()
+    if not spec:
+        return None
+    point, _, batch = spec.partition(":")
+    if point not in POINTS or not batch.isdigit():
+        raise ValueError(f"{ENV}={spec!r}: expected <point>:<batch> with point one of {', '.join(POINTS)}")
+    return point, int(batch)
+
+
+def kill(point: str, batch: int) -> None:
+    log.warning("fault injected: SIGKILL during %s at batch %d", point, batch)
+    print(f"cpt fault injected: SIGKILL during {point} at batch {batch}", flush=True)
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def upload_progress(name: str, nbytes: int):
+    """A boto progress callback that kills mid-upload of ``ep*-ba<batch>-rank0.pt`` when that is planned."""
+    plan = planned()
+    if plan is None or plan[0] != "upload" or f"-ba{plan[1]}-" not in name:
+        return None
+    sent = 0
+
+    def progress(increment: int) -> None:
+        nonlocal sent
+        sent += increment
+        if sent >= nbytes // 2:
+            kill("upload", plan[1])
+
+    return progress
+
+
+class Faults(Callback):
+    """Added by ``cpt.train`` when ``CPT_FAULT`` is set."""
+
+    def __init__(self, save_folder: str | None = None):
+        self.point, self.batch = planned() or ("", -1)
+        self.save_folder = save_folder
+
+    def after_backward(self, state: State, logger: Logger) -> None:
+        if self.point == "step" and int(state.timestamp.batch) == self.batch:
+            kill("step", self.batch)
+
+    def eval_batch_end(self, state: State, logger: Logger) -> None:
+        if self.point == "eval" and int(state.timestamp.batch) == self.batch:
+            kill("eval", self.batch)
+
+    def batch_checkpoint(self, state: State, logger: Logger) -> None:
+        # runs just before Composer's saver: a watcher kills once the checkpoint file has started to grow
+        if self.point == "save" and int(state.timestamp.batch) == self.batch and self.save_folder:
+            pattern = os.path.join(self.save_folder, f"ep*-ba{self.batch}-rank0.pt")
+
+            def watch() -> None:
+                while True:
+                    if any(os.path.getsize(p) > 0 for p in glob.glob(pattern)):
+                        kill("save", self.batch)
+                    time.sleep(0.0005)
+
+            threading.Thread(target=watch, daemon=True).start()
