@@ -2,7 +2,7 @@
 
 Rank 0 appends to ``<run_dir>/metrics.jsonl`` (a resumed run keeps adding to the same file; readers keep
 the last value per batch). With ``remote`` set (the run's ``s3://`` save folder), the file is uploaded
-after every evaluation and at the end of the run.
+after every evaluation (on a thread, so an S3 outage does not stall training) and at the end of the run.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import threading
 
 from composer.core import Event, State
 from composer.loggers import Logger, LoggerDestination
@@ -25,6 +26,7 @@ class MetricsJSONL(LoggerDestination):
     def __init__(self, path: str, remote: str | None = None):
         self.path, self.remote = path, remote
         self._state: State | None = None
+        self._upload: threading.Thread | None = None
 
     def init(self, state: State, logger: Logger) -> None:
         self._state = state
@@ -45,8 +47,23 @@ class MetricsJSONL(LoggerDestination):
     def run_event(self, event: Event, state: State, logger: Logger) -> None:
         super().run_event(event, state, logger)
         if event in (Event.EVAL_AFTER_ALL, Event.FIT_END) and self.remote and dist.get_global_rank() == 0:
+            if self._upload is not None and self._upload.is_alive():
+                if event != Event.FIT_END:
+                    return  # the previous upload is still going (an S3 outage): training does not wait
+                self._upload.join()
             if os.path.isfile(self.path):
-                try:
-                    storage.upload_file(self.path, storage.join(self.remote, "metrics.jsonl"))
-                except storage.StorageError as exc:  # metrics stay local; training goes on
-                    log.warning("could not upload metrics: %s", exc)
+                self._upload = threading.Thread(target=self._send, args=(_snapshot(self.path),), daemon=True)
+                self._upload.start()
+                if event == Event.FIT_END:
+                    self._upload.join()
+
+    def _send(self, data: bytes) -> None:
+        try:
+            storage.write_bytes(storage.join(self.remote, "metrics.jsonl"), data)
+        except storage.StorageError as exc:  # metrics stay local; training goes on
+            log.warning("could not upload metrics: %s", exc)
+
+
+def _snapshot(path: str) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read()

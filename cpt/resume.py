@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import socket
+import threading
 import time
 import zipfile
 
@@ -146,19 +147,28 @@ def release(save_folder: str) -> None:
 
 
 class RunLock(Callback):
-    """Keeps the run's lock fresh while it trains (rank 0) and releases it when training ends."""
+    """Rank 0 keeps the run's lock fresh from a thread (so a long step, evaluation or S3 outage does not
+    stall it, nor it training) and releases the lock when training ends."""
 
     def __init__(self, save_folder: str, every_s: float = 30.0):
-        self.save_folder, self.every_s, self._last = save_folder, every_s, 0.0
+        self.save_folder, self.every_s = save_folder, every_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
-    def batch_end(self, state: State, logger: Logger) -> None:
-        if dist.get_global_rank() == 0 and time.time() - self._last >= self.every_s:
-            self._last = time.time()
+    def fit_start(self, state: State, logger: Logger) -> None:
+        if dist.get_global_rank() == 0:
+            self._thread = threading.Thread(target=self._beat, name="cpt-run-lock", daemon=True)
+            self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.every_s):
             try:
                 heartbeat(self.save_folder)
             except storage.StorageError as exc:
                 log.warning("could not refresh the run lock: %s", exc)
 
     def fit_end(self, state: State, logger: Logger) -> None:
-        if dist.get_global_rank() == 0:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
             release(self.save_folder)

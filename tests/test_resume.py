@@ -7,6 +7,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -55,6 +56,24 @@ def launch(setup: Path, run: str, save_folder: str, *extra: str, fault: str = ""
     )
 
 
+class Lines:
+    """Collects a launch's output as it comes, so a test can act on what the run says."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc, self.lines = proc, []
+        self.thread = threading.Thread(target=lambda: self.lines.extend(proc.stdout), daemon=True)
+        self.thread.start()
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def finish(self) -> str:
+        self.proc.wait(timeout=600)
+        self.thread.join()
+        assert self.proc.returncode == 0, self.text()[-4000:]
+        return self.text()
+
+
 def finish(proc: subprocess.Popen) -> str:
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-4000:]
@@ -92,12 +111,38 @@ def group_gone(pgid: int, within_s: float = 10.0) -> bool:
     return False
 
 
-def test_kills_at_random_points_resume_bit_identical(setup, s3_bucket):
+@pytest.fixture(scope="module")
+def reference(setup) -> str:
+    """An uninterrupted run's save folder (local): what every interrupted run must end equal to."""
+    folder = str(setup / "ref-checkpoints")
+    finish(launch(setup, "ref", folder))
+    return folder
+
+
+def assert_same_end(reference: str, run: str, tmp: Path) -> None:
+    a, b = final_state(reference, tmp), final_state(run, tmp)
+    assert_identical(a["model"], b["model"], "model")
+    assert_identical(a["optimizers"], b["optimizers"], "optimizers")
+    ta, tb = a["timestamp"]["Timestamp"], b["timestamp"]["Timestamp"]
+    assert (ta["batch"], ta["sample"], ta["token"]) == (tb["batch"], tb["sample"], tb["token"]) == (16, 64, 4096)
+    assert a["dataset_state"] == b["dataset_state"]  # the data position: the same samples were consumed
+
+
+def staging(setup: Path, run: str) -> Path:
+    return setup / "cache" / run / "runs" / run / "staging"
+
+
+def wait_for(condition, what: str, timeout: float = 300, every: float = 0.005) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(every)
+
+
+def test_kills_at_random_points_resume_bit_identical(setup, reference, s3_bucket):
     """SIGKILL during a step, an evaluation, a checkpoint write, an upload, and at a random moment; each time the
     same command resumes. The end state and the samples trained equal an uninterrupted run's."""
     shm_before = set(os.listdir("/dev/shm"))
-    ref = f"{s3_bucket}/runs/ref"
-    finish(launch(setup, "ref", ref))
 
     rng = random.Random(5)
     plan = [f"step:{rng.randint(5, 7)}", "eval:8", f"save:{rng.choice([8, 12])}", "upload:16"]
@@ -122,13 +167,7 @@ def test_kills_at_random_points_resume_bit_identical(setup, s3_bucket):
     outputs.append(finish(launch(setup, "killed", run)))
     assert sum("resuming from" in out for out in outputs) >= 3
 
-    a, b = final_state(ref, setup), final_state(run, setup)
-    assert_identical(a["model"], b["model"], "model")
-    assert_identical(a["optimizers"], b["optimizers"], "optimizers")
-    ta, tb = a["timestamp"]["Timestamp"], b["timestamp"]["Timestamp"]
-    assert (ta["batch"], ta["sample"], ta["token"]) == (tb["batch"], tb["sample"], tb["token"]) == (16, 64, 4096)
-    assert a["dataset_state"] == b["dataset_state"]  # the data position: the same samples were consumed
-
+    assert_same_end(reference, run, setup)
     ref_batches, ref_replays = samples.read(str(setup / "runs" / "ref" / "samples-rank0.jsonl"))
     got_batches, replays = samples.read(str(log))
     assert len(ref_batches) == 16 and not ref_replays
@@ -136,6 +175,50 @@ def test_kills_at_random_points_resume_bit_identical(setup, s3_bucket):
     assert Counter(s for b in got_batches for s in b) == Counter(s for b in ref_batches for s in b)
     assert replays and all(first == last for _, first, last in replays)  # a re-trained batch is the same batch
     assert set(os.listdir("/dev/shm")) <= shm_before  # the killed runs' shared memory was cleaned up
+
+
+def test_s3_outages_during_upload_and_at_resume_are_ridden_out(setup, reference, s3_bucket, moto):
+    run = f"{s3_bucket}/runs/outage"
+    proc = launch(setup, "outage", run, "cpt.s3_retry_s=60")
+    wait_for(lambda: (staging(setup, "outage") / "ep0-ba4-rank0.pt").exists(), "the first checkpoint")
+    restart = moto.outage(4.0)  # down from before its upload starts until 4 s later
+    out = finish(proc)
+    restart.join()
+    assert "cannot upload" in out and "retrying in" in out and f"uploaded {run}/ep0-ba4-rank0.pt" in out
+    assert_same_end(reference, run, setup)
+
+    # as if preempted after batch 8: the relaunch finds S3 down while it looks for the checkpoint to resume
+    for name in ("ep0-ba12-rank0.pt", "ep0-ba16-rank0.pt"):
+        storage.delete(f"{run}/{name}")
+    moto.stop()
+    try:
+        proc = launch(setup, "outage", run, "cpt.s3_retry_s=60")
+        lines = Lines(proc)
+        wait_for(lambda: "retrying in" in lines.text() or proc.poll() is not None, "a retry", every=0.1)
+        time.sleep(2.0)
+    finally:
+        moto.start()
+    out = lines.finish()
+    assert "retrying in" in out and f"resuming from {run}/ep0-ba8-rank0.pt" in out
+    assert_same_end(reference, run, setup)
+
+
+def test_an_outage_beyond_the_limit_fails_clearly_and_keeps_the_last_good_checkpoint(setup, reference, s3_bucket, moto):
+    run = f"{s3_bucket}/runs/limit"
+    proc = launch(setup, "limit", run, "cpt.s3_retry_s=3")
+    wait_for(lambda: (staging(setup, "limit") / "ep0-ba8-rank0.pt").exists(), "the second checkpoint")
+    moto.stop()
+    try:
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        moto.start()
+    assert proc.returncode not in (0, -signal.SIGKILL), out[-3000:]
+    assert "checkpoint upload failed" in out and "ep0-ba8-rank0.pt" in out
+    assert "S3 unreachable" in out and "longer than the retry limit of 3s" in out
+    assert [b for b, _ in checkpoints(run)] == [4]  # the last good checkpoint is there, and nothing partial
+    assert find_resume(run, str(setup / "cache" / "limit-check")).endswith("ep0-ba4-rank0.pt")
+    finish(launch(setup, "limit", run))  # the same command, once S3 is back, resumes and finishes
+    assert_same_end(reference, run, setup)
 
 
 def test_corrupt_newest_checkpoint_falls_back(setup, s3_bucket, tmp_path, caplog):
