@@ -72,6 +72,19 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from cpt.data.verify import verify
+
+    failed = 0
+    for split in args.splits:
+        checked, bad = verify(split)
+        for path in bad:
+            print(f"corrupt shard: {path} (its xxh64 hash does not match {split}/index.json)")
+        print(f"{split}: {checked} shards checked, {len(bad)} corrupt")
+        failed += len(bad)
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cpt", description="Continual pre-training of Pythia models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert Pile or SlimPajama JSONL into per-domain MDS")
     add_arguments(p, None)
     p.set_defaults(fn=_convert)
+
+    p = sub.add_parser("verify", help="check converted splits' shards against their recorded hashes")
+    p.add_argument("splits", nargs="+", metavar="SPLIT", help="split folders holding index.json, local or s3://")
+    p.set_defaults(fn=_verify)
 
     p = sub.add_parser("train", help="train one process (use `composer -n N -m cpt.train` for N GPUs)")
     p.add_argument("config", help="train YAML")

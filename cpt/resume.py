@@ -4,7 +4,8 @@ Composer's own autoresume follows a ``latest`` pointer that is uploaded about 30
 downloads into ``./s3:/...`` and never deletes remote checkpoints. Instead, cpt lists the save folder
 (local or ``s3://``), takes the newest ``ep*-ba*-rank0.pt``, downloads it into the run's cache folder,
 checks every member's CRC (a ``.pt`` is a zip file) and falls back to the previous one, with a warning, when
-it is corrupt. The data fingerprint travels in the checkpoint (``FingerprintGuard``) and is checked on load.
+it is corrupt. Checkpoints reach an ``s3://`` folder through ``cpt.upload``. The data fingerprint travels in
+the checkpoint (``FingerprintGuard``) and is checked on load; ``RunLock`` refuses a second live launch.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ def find_resume(save_folder: str, cache: str) -> str | None:
                 log.info("resuming from %s (batch %d)", url, batch)
                 return local
             log.warning("skipping corrupt checkpoint %s: a zip member fails its CRC", url)
+            if not storage.is_s3(save_folder):  # out of the way of Composer, which refuses newer files
+                os.replace(local, local + ".corrupt")
     return None
 
 

@@ -33,28 +33,31 @@ class CheckpointUpload(Callback):
     """
 
     def __init__(self, save_folder: str, staging: str | None = None, keep: int = 0):
+        if not (staging or not storage.is_s3(save_folder)):
+            raise ValueError(f"{save_folder}: an s3:// save folder needs a local staging folder")
         self.save_folder, self.staging, self.keep = save_folder, staging, keep
         self._seen: set[str] = set()
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._error: Exception | None = None
         self._thread: threading.Thread | None = None
-        self.timings: list[tuple[str, int, float]] = []  # (name, bytes, seconds) of each upload
+        self._checkpoint_event = 0.0
 
     def _active(self) -> bool:
         return dist.get_global_rank() == 0
 
     def fit_start(self, state: State, logger: Logger) -> None:
-        if self.staging and self._active():
-            os.makedirs(self.staging, exist_ok=True)
-            self._seen.update(os.listdir(self.staging))
+        if not self._active():
+            return
+        os.makedirs(self._local(), exist_ok=True)
+        self._seen.update(os.listdir(self._local()))
+        if self.staging:
             self._thread = threading.Thread(target=self._work, name="cpt-checkpoint-upload", daemon=True)
             self._thread.start()
 
-    def batch_end(self, state: State, logger: Logger) -> None:
-        # the saver runs after this callback at BATCH_CHECKPOINT, so its file is picked up one batch later
-        self._collect()
+    def batch_checkpoint(self, state: State, logger: Logger) -> None:
+        self._checkpoint_event = time.perf_counter()  # this callback runs just before Composer's saver
 
-    def epoch_end(self, state: State, logger: Logger) -> None:
+    def batch_start(self, state: State, logger: Logger) -> None:
         self._collect()
 
     def fit_end(self, state: State, logger: Logger) -> None:
@@ -69,17 +72,24 @@ class CheckpointUpload(Callback):
             self._thread.join(timeout=5)
             self._thread = None
 
+    def _local(self) -> str:
+        return self.staging or self.save_folder
+
     def _collect(self) -> None:
+        """Picks up what the saver wrote since the last batch: logs its save time, queues its upload, trims."""
         self._raise_if_failed()
         if not self._active():
             return
-        if self._thread is None:
-            self._trim()
-            return
-        for name in sorted(os.listdir(self.staging), key=_batch):
-            if CHECKPOINT.match(name) and name not in self._seen:
-                self._seen.add(name)
+        new = [n for n in os.listdir(self._local()) if CHECKPOINT.match(n) and n not in self._seen]
+        for name in sorted(new, key=_batch):
+            self._seen.add(name)
+            nbytes = os.path.getsize(os.path.join(self._local(), name))
+            seconds = time.perf_counter() - self._checkpoint_event
+            log.info("saved %s (%.1f MB) in %.2fs", name, nbytes / 1e6, seconds)
+            if self._thread is not None:
                 self._queue.put(name)
+        if new and self._thread is None:
+            self._trim()
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -103,7 +113,6 @@ class CheckpointUpload(Callback):
         nbytes, t0 = os.path.getsize(local), time.perf_counter()
         storage.upload_file(local, url, progress=faults.upload_progress(name, nbytes))
         seconds = time.perf_counter() - t0
-        self.timings.append((name, nbytes, seconds))
         log.info("uploaded %s (%.1f MB) in %.2fs", url, nbytes / 1e6, seconds)
         os.remove(local)
         self._trim()

@@ -279,3 +279,28 @@ def test_second_launch_is_refused_while_the_first_is_alive(setup, s3_bucket):
     first.wait()
     finish(launch(setup, "twice", folder, "max_duration=40ba"))
     assert not storage.exists(f"{folder}/.cpt-lock.json")  # released at the end
+
+
+def test_a_corrupt_shard_on_s3_is_detected_by_hash_and_named(setup, s3_bucket):
+    data = f"{s3_bucket}/data"
+    for local in sorted((setup / "data").rglob("*")):
+        if local.is_file():
+            storage.upload_file(str(local), f"{data}/{local.relative_to(setup / 'data')}")
+    shard = next(k for k in storage.list_prefix(f"{data}/downstream/train") if k.endswith(".mds"))
+    url = f"{data}/downstream/train/{shard}"
+    raw = bytearray(storage.read_bytes(url))
+    raw[len(raw) // 2] ^= 0xFF
+    storage.write_bytes(url, bytes(raw))
+
+    verify = subprocess.run(
+        [sys.executable, "-m", "cpt.cli", "verify", f"{data}/downstream/train", f"{data}/upstream/train"],
+        capture_output=True,
+        text=True,
+    )
+    assert verify.returncode == 1, verify.stdout + verify.stderr
+    assert f"corrupt shard: {url}" in verify.stdout and "1 corrupt" in verify.stdout and "0 corrupt" in verify.stdout
+
+    proc = launch(setup, "badshard", f"{s3_bucket}/runs/badshard", f"variables.data={data}")
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0 and "Checksum failure" in out and shard.split("/")[-1] in out, out[-3000:]
+    assert not checkpoints(f"{s3_bucket}/runs/badshard")  # nothing trained on it was saved

@@ -8,6 +8,7 @@ import os
 
 from cpt.config import ConfigError, Cpt
 from cpt.data import manifest as mf
+from cpt.data import verify
 
 
 def read_manifests(paths: dict[str, str], seq_len: int, where: str) -> dict[str, mf.Manifest]:
@@ -54,8 +55,11 @@ def train_loader(section: Cpt, seq_len: int, cache: str) -> dict:
 
 
 def location(path: str, cache: str) -> dict:
-    """A remote split streams through a local cache; a local split is read in place."""
-    return {"remote": path, "local": cache} if path.startswith("s3://") else {"remote": None, "local": path}
+    """A remote split streams through a local cache, each shard checked against its hash as it arrives (a
+    corrupt one stops the run with ``Checksum failure: <shard>``); a local split is read in place."""
+    if path.startswith("s3://"):
+        return {"remote": path, "local": cache, "validate_hash": verify.HASH}
+    return {"remote": None, "local": path}
 
 
 def loader_workers(n: int) -> dict:
