@@ -103,13 +103,14 @@ def _train(cfg: dict, work: str) -> list[dict]:
         return [json.loads(line) for line in fh]
 
 
-def summarize(runs: list[Run]) -> dict[str, dict[str, float]]:
+def summarize(runs: list[Run], cpt_steps: int = CPT_STEPS) -> dict[str, dict[str, float]]:
     """Per run: start, the highest loss in the first quarter (from batch 2: batches 0 and 1 train at LR 0), final."""
     out = {}
     for run in runs:
         up = run.series("metrics/eval/upstream/all/LanguageCrossEntropy")
         down = run.series("metrics/eval/downstream/all/LanguageCrossEntropy")
-        early = [i for i, (b, _, _) in enumerate(up) if 2 <= b <= CPT_STEPS // 4]
+        early = [i for i, (b, _, _) in enumerate(up) if 2 <= b <= cpt_steps // 4]
+        early = early or [0]  # a very short run may hold no evaluation in that window
         out[run.label] = {
             "upstream_start": up[0][2],
             "upstream_early_max": max(up[i][2] for i in early),
@@ -123,14 +124,14 @@ def summarize(runs: list[Run]) -> dict[str, dict[str, float]]:
     return out
 
 
-def write_report(work: str, runs: list[Run], summary: dict) -> str:
+def write_report(work: str, runs: list[Run], summary: dict, steps: tuple[int, int]) -> str:
     """``cpt report``'s figures and tables, then the paper's claims checked on the measured numbers."""
     path = report.report(runs, work, "upstream", "downstream")
     lines = [
         "",
         "## The paper's claims at toy scale",
         "",
-        f"Pre-trained {PRETRAIN_STEPS} steps on upstream (max LR {MAX_LR:g}, cosine to 0.1x), then {CPT_STEPS} "
+        f"Pre-trained {steps[0]} steps on upstream (max LR {MAX_LR:g}, cosine to 0.1x), then {steps[1]} "
         "steps on downstream under each schedule.",
         "",
         "| run | upstream max in the first steps | forgetting | adaptation |",
@@ -162,8 +163,10 @@ def checks(s: dict) -> dict[str, bool]:
     }
 
 
-def quickstart(work: str = "quickstart", s3: str | None = None) -> dict:
-    """Run everything into ``work`` (data on ``s3`` when given); returns the summary numbers."""
+def quickstart(
+    work: str = "quickstart", s3: str | None = None, pretrain_steps: int = PRETRAIN_STEPS, cpt_steps: int = CPT_STEPS
+) -> dict:
+    """Run everything into ``work`` (data and checkpoints on ``s3`` when given); returns the summary numbers."""
     t0 = time.perf_counter()
     work = os.path.abspath(work)
     os.makedirs(work, exist_ok=True)
@@ -184,26 +187,26 @@ def quickstart(work: str = "quickstart", s3: str | None = None) -> dict:
         ["upstream"],
         MAX_LR,
         {"name": "cpt_cosine", "t_warmup": "0.1dur", "t_max": "1dur", "alpha_f": 0.1},
-        PRETRAIN_STEPS,
+        pretrain_steps,
         from_scratch=True,
-        eval_every=PRETRAIN_STEPS,
+        eval_every=pretrain_steps,
     )
     pre["cpt"]["eval"].update(warmup_interval=None, at_peak=False)  # pre-training: evaluate first and last only
     _train(pre, work)
     base = export(
-        storage.join(pre["save_folder"], f"ep0-ba{PRETRAIN_STEPS}-rank0.pt"), os.path.join(work, "pretrained")
+        storage.join(pre["save_folder"], f"ep0-ba{pretrain_steps}-rank0.pt"), os.path.join(work, "pretrained")
     )
     print("3/4 continuing on downstream under three schedules", flush=True)
     runs = []
     for name, (sched, lr) in SCHEDULES.items():
         cfg = base_config(
-            root, f"cpt-{name}", base, ["downstream"], lr, dict(sched), CPT_STEPS, from_scratch=False, eval_every=4
+            root, f"cpt-{name}", base, ["downstream"], lr, dict(sched), cpt_steps, from_scratch=False, eval_every=4
         )
         _train(cfg, work)
         runs.append(report.load(os.path.join(cfg["cpt"]["run_dir"], cfg["run_name"]), label=name))
     print("4/4 writing the report", flush=True)
-    summary = summarize(runs)
-    path = write_report(work, runs, summary)
+    summary = summarize(runs, cpt_steps)
+    path = write_report(work, runs, summary, (pretrain_steps, cpt_steps))
     with open(os.path.join(work, "summary.json"), "w") as fh:
         json.dump(summary, fh, indent=2)
     with open(path) as fh:

@@ -135,35 +135,9 @@ def tiny_pythia(tmp_path_factory) -> str:
     return str(out)
 
 
-def make_tiny_project(
-    tmp: Path, domains: dict[str, dict[str, str]], docs: dict[str, int], seq_len: int = 64, model_seq_len: int = 256
-) -> Path:
-    """``tmp/data/<name>/<split>/`` MDS splits of generated text (``{name: {domain: style}}``, Pile's key) and
-    ``tmp/model``, a tiny Pythia folder: the shape ``yamls/tiny-cpu.yaml`` expects."""
-    from cpt.data import synthetic
-    from cpt.data.convert import DOMAIN_KEYS, convert
-    from cpt.model import save_tiny_pythia
-
-    key = DOMAIN_KEYS["pile"]
-    for name, styles in domains.items():
-        for split, n in docs.items():
-            src = tmp / f"{name}-{split}.jsonl"
-            synthetic.write_jsonl(src, styles, docs=n, seed=len(split), domain_key=key)
-            convert(
-                [str(src)],
-                str(tmp / "data" / name),
-                split,
-                str(TOKENIZER),
-                key,
-                seq_len=seq_len,
-                workers=1,
-                progress=False,
-            )
-    save_tiny_pythia(str(tmp / "model"), seq_len=model_seq_len)
-    return tmp
-
-
 @pytest.fixture(scope="session")
 def tiny_project():
-    """``make_tiny_project``, for module-scoped fixtures."""
-    return make_tiny_project
+    """``cpt.data.synthetic.tiny_project``, for module-scoped fixtures."""
+    from cpt.data.synthetic import tiny_project
+
+    return tiny_project

@@ -48,3 +48,23 @@ def test_export_gives_the_checkpoints_logits(tmp_path):
     with torch.no_grad():
         assert torch.equal(out(ids).logits, hf(ids).logits)
     assert AutoTokenizer.from_pretrained(tmp_path / "out")("Hello world")["input_ids"] == [12092, 1533]
+
+
+def test_quickstart_on_s3(tmp_path, s3_bucket):
+    """``cpt quickstart --s3``: data, checkpoints and metrics on the S3 endpoint (shortened to a few steps)."""
+    import math
+
+    from cpt import storage
+
+    s = quickstart(str(tmp_path / "qs"), s3=f"{s3_bucket}/qs", pretrain_steps=12, cpt_steps=8)
+    assert set(s) == {"constant", "rewarm-1x", "rewarm-2x"}
+    assert all(math.isfinite(v) for run in s.values() for v in run.values())
+    keys = storage.list_prefix(f"{s3_bucket}/qs")
+    for name in ("upstream", "downstream"):
+        for split in ("train", "val"):
+            assert f"data/{name}/{split}/manifest.json" in keys
+    assert "runs/pretrain/checkpoints/ep0-ba12-rank0.pt" in keys
+    for run in ("constant", "rewarm-1x", "rewarm-2x"):
+        assert f"runs/cpt-{run}/checkpoints/ep0-ba8-rank0.pt" in keys
+        assert f"runs/cpt-{run}/checkpoints/metrics.jsonl" in keys
+    assert (tmp_path / "qs" / "summary.md").is_file() and (tmp_path / "qs" / "pretrained" / "config.json").is_file()

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from cpt import faults, samples, storage
-from cpt.resume import checkpoints, find_resume, prune
+from cpt.resume import checkpoints, find_resume, intact, prune
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "yamls" / "tiny-cpu.yaml"
@@ -304,3 +304,16 @@ def test_a_corrupt_shard_on_s3_is_detected_by_hash_and_named(setup, s3_bucket):
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode != 0 and "Checksum failure" in out and shard.split("/")[-1] in out, out[-3000:]
     assert not checkpoints(f"{s3_bucket}/runs/badshard")  # nothing trained on it was saved
+
+
+def test_a_checkpoint_cut_mid_write_in_a_local_folder_is_skipped(setup, reference):
+    folder = setup / "local-save"
+    proc = launch(setup, "localsave", str(folder), fault="save:8")
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == -signal.SIGKILL and "fault injected: SIGKILL during save at batch 8" in out
+    partial = folder / "ep0-ba8-rank0.pt"
+    assert partial.exists() and not intact(str(partial))
+    out = finish(launch(setup, "localsave", str(folder)))
+    assert "skipping corrupt checkpoint" in out and "resuming from" in out and "ep0-ba4-rank0.pt" in out
+    assert (folder / "ep0-ba8-rank0.pt.corrupt").exists() and intact(str(folder / "ep0-ba8-rank0.pt"))
+    assert_same_end(reference, str(folder), setup)

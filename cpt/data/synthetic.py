@@ -61,3 +61,33 @@ def write_jsonl(
             fh.write(json.dumps(record) + "\n")
             records.append(record)
     return records
+
+
+TOKENIZER = str(Path(__file__).resolve().parents[1] / "assets" / "tokenizer.json")
+
+
+def tiny_project(
+    tmp: Path, domains: dict[str, dict[str, str]], docs: dict[str, int], seq_len: int = 64, model_seq_len: int = 256
+) -> Path:
+    """``tmp/data/<name>/<split>/`` MDS splits of generated text (``{name: {domain: style}}``, Pile's key) and
+    ``tmp/model``, a tiny Pythia folder: the shape ``yamls/tiny-cpu.yaml`` expects."""
+    from cpt.data.convert import DOMAIN_KEYS, convert
+    from cpt.model import save_tiny_pythia
+
+    key = DOMAIN_KEYS["pile"]
+    for name, styles in domains.items():
+        for split, n in docs.items():
+            src = tmp / f"{name}-{split}.jsonl"
+            write_jsonl(src, styles, docs=n, seed=len(split), domain_key=key)
+            convert(
+                [str(src)],
+                str(tmp / "data" / name),
+                split,
+                TOKENIZER,
+                key,
+                seq_len=seq_len,
+                workers=1,
+                progress=False,
+            )
+    save_tiny_pythia(str(tmp / "model"), seq_len=model_seq_len)
+    return tmp

@@ -1,0 +1,137 @@
+"""The README's workflow, command by command, at toy scale against the loopback S3 server.
+
+``s3://my-bucket`` becomes the test bucket, the Pythia step folder is a tiny GPT-NeoX uploaded where the
+README puts it, and the raw corpora are generated text in the corpora's formats. Commands that need the
+internet, a GPU cluster or Docker (``EXTERNAL``) are replaced by their offline equivalent, named below.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+# not runnable here: the set-up (CI runs it), the hub, the AWS CLI (boto3 below), Docker (tests/test_docker.py)
+EXTERNAL = ("python3 -m venv", ".venv/bin/python -m pytest", "huggingface-cli ", "aws s3 sync", "docker ")
+
+
+def readme_commands() -> list[str]:
+    """Every command in the README's ``bash`` blocks, continuations joined and comments dropped."""
+    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
+    text = "\n".join(blocks).replace("\\\n", " ")
+    commands = []
+    for line in text.splitlines():
+        line = re.sub(r"\s+#\s.*$", "", line).strip()
+        if line and not line.startswith("#"):
+            commands.append(re.sub(r"\s+", " ", line))
+    return commands
+
+
+def run(cmd: list[str], cwd: Path, env: dict | None = None) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{shlex.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def test_every_readme_command_is_handled():
+    handled = ("python convert/", "cpt schedule", "cpt sweep", "composer -n", "cpt train", "cpt report", "cpt export")
+    for cmd in readme_commands():
+        assert cmd.startswith(handled + EXTERNAL), f"README command not exercised by tests/test_readme.py: {cmd}"
+
+
+@pytest.mark.slow
+def test_readme_workflow(tmp_path, s3_bucket):
+    import zstandard
+
+    from cpt import storage
+    from cpt.data import synthetic
+    from cpt.data.convert import DOMAIN_KEYS, convert
+    from cpt.model import save_tiny_pythia
+
+    bucket = s3_bucket
+    # "huggingface-cli download ... && aws s3 sync ...": a Pythia-shaped folder in the README's place
+    step = save_tiny_pythia(str(tmp_path / "pythia-410m" / "step143000"), seq_len=2048)
+    for f in sorted(Path(step).iterdir()):
+        storage.upload_file(str(f), f"{bucket}/pythia/pythia-410m/step143000/{f.name}")
+    # the raw corpora, in their formats and places
+    zst = zstandard.ZstdCompressor()
+    slim = {"RedPajamaC4": "prose", "RedPajamaGithub": "code", "RedPajamaArXiv": "science"}
+    src = tmp_path / "slim.jsonl"
+    synthetic.write_jsonl(src, slim, docs=90, seed=1, domain_key=DOMAIN_KEYS["slimpajama"])
+    raw = f"{bucket}/raw/slimpajama/train/chunk1/example_train_0.jsonl.zst"
+    storage.write_bytes(raw, zst.compress(src.read_bytes()))
+    synthetic.write_jsonl(src, slim, docs=30, seed=2, domain_key=DOMAIN_KEYS["slimpajama"])
+    convert(
+        [str(src)],
+        f"{bucket}/data/slimpajama",
+        "val",
+        str(ROOT / "cpt/assets/tokenizer.json"),
+        DOMAIN_KEYS["slimpajama"],
+        workers=1,
+        progress=False,
+    )  # the paper's config evaluates it too
+    pile_val = tmp_path / "pile-val.jsonl"
+    pile = {"Pile-CC": "prose", "Github": "code"}
+    synthetic.write_jsonl(pile_val, pile, docs=40, seed=3, domain_key=DOMAIN_KEYS["pile"])
+    pile_zst = tmp_path / "val.jsonl.zst"
+    pile_zst.write_bytes(zst.compress(pile_val.read_bytes()))
+    # a finished tiny run for `cpt report` and `cpt export`
+    domains = {"upstream": {"Pile-CC": "prose"}, "downstream": {"Github": "code"}}
+    project = synthetic.tiny_project(tmp_path / "tiny", domains, {"train": 40, "val": 10})
+
+    subs = {
+        "s3://my-bucket/runs/pythia-410m-cpt-warm1-lr6e-4/checkpoints": f"{bucket}/runs/my-run/checkpoints",
+        "runs/pythia-410m-cpt-warm1-lr3e-4": str(tmp_path / "runs" / "my-run"),
+        "ep0-ba131296-rank0.pt": "ep0-ba8-rank0.pt",
+        "s3://my-bucket": bucket,
+        "/data/pile/val.jsonl.zst": str(pile_zst),
+    }
+    done = []
+    for cmd in readme_commands():
+        if cmd.startswith(EXTERNAL):
+            continue
+        for old, new in subs.items():
+            cmd = cmd.replace(old, new)
+        argv = shlex.split(cmd)
+        argv = [str(ROOT / a) if (ROOT / a).exists() and "/" in a else a for a in argv]  # repo paths, from tmp
+        if argv[0] == "python":
+            run([sys.executable, *argv[1:]], tmp_path)
+        elif argv[0] == "composer":  # -n 8 needs 8 GPUs: expand the same config as 8 ranks would, and stop there
+            from cpt import config as C
+            from cpt.train import expand
+
+            i = argv.index("-m") + 2
+            os.environ["WORLD_SIZE"] = "8"
+            try:
+                out = expand(C.load(argv[i], argv[i + 1 :]), argv[i])
+            finally:
+                del os.environ["WORLD_SIZE"]
+            assert out.model.pretrained and "load_path" not in out  # base weights only: a new stage
+        elif argv[:2] == ["cpt", "train"]:
+            args = [
+                f"variables.data={project / 'data'}",
+                f"variables.model={project / 'model'}",
+                "variables.run_name=my-run",
+                f"variables.save_folder={bucket}/runs/my-run/checkpoints",
+                f"cpt.run_dir={tmp_path / 'runs'}",
+                "cpt.num_workers=0",
+                "max_duration=8ba",
+            ]
+            run([sys.executable, "-m", "cpt.cli", *argv[1:], *args], tmp_path)
+        else:
+            run([sys.executable, "-m", "cpt.cli", *argv[1:]], tmp_path)
+        done.append(argv[0] if argv[0] != "cpt" else f"cpt {argv[1]}")
+
+    assert done.count("python") == 2 and "composer" in done and {"cpt report", "cpt export"} <= set(done)
+    assert storage.exists(f"{bucket}/data/slimpajama/train/manifest.json")
+    assert storage.exists(f"{bucket}/data/pile/val/manifest.json")
+    for f in ("lr.png", "lr.csv", "cmp.png", "warmup.png", "report/summary.md", "pythia-410m-cpt/config.json"):
+        assert (tmp_path / f).is_file(), f
+    assert len(list((tmp_path / "sweeps" / "replay").glob("*.yaml"))) >= 5
