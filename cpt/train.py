@@ -146,6 +146,12 @@ def train_from_yaml(path: str, overrides: list[str] | None = None):
     cfg = C.load(path, overrides)
     os.environ[storage.RETRY_ENV] = str(C.check(cfg, path).s3_retry_s)  # for every S3 call of this run
     expanded = expand(cfg, path)
+    if expanded.get("load_path"):
+        batch = int(resume.CHECKPOINT.match(os.path.basename(expanded.load_path)).group(2))
+        total = math.ceil(scheduler_from_config(cfg, path)[1].batches("1dur", "max_duration"))
+        if batch >= total:
+            print(f"{cfg.run_name}: already trained to max_duration ({total} batches, {expanded.load_path})")
+            return None
     callbacks = expanded.get("callbacks") or {}
     uploads = callbacks.get("cpt_checkpoint_upload") or {}
     if "cpt_run_lock" in callbacks and os.environ.get("RANK", "0") == "0":

@@ -62,12 +62,20 @@ def test_readme_workflow(tmp_path, s3_bucket):
         storage.upload_file(str(f), f"{bucket}/pythia/pythia-410m/step143000/{f.name}")
     # the raw corpora, in their formats and places
     zst = zstandard.ZstdCompressor()
-    slim = {"RedPajamaC4": "prose", "RedPajamaGithub": "code", "RedPajamaArXiv": "science"}
+    slim = {  # the seven SlimPajama domains: the paper's eval blend names them all
+        "RedPajamaCommonCrawl": "prose",
+        "RedPajamaC4": "prose",
+        "RedPajamaGithub": "code",
+        "RedPajamaBook": "prose",
+        "RedPajamaArXiv": "science",
+        "RedPajamaWikipedia": "science",
+        "RedPajamaStackExchange": "code",
+    }
     src = tmp_path / "slim.jsonl"
     synthetic.write_jsonl(src, slim, docs=90, seed=1, domain_key=DOMAIN_KEYS["slimpajama"])
     raw = f"{bucket}/raw/slimpajama/train/chunk1/example_train_0.jsonl.zst"
     storage.write_bytes(raw, zst.compress(src.read_bytes()))
-    synthetic.write_jsonl(src, slim, docs=30, seed=2, domain_key=DOMAIN_KEYS["slimpajama"])
+    synthetic.write_jsonl(src, slim, docs=140, seed=2, domain_key=DOMAIN_KEYS["slimpajama"])
     convert(
         [str(src)],
         f"{bucket}/data/slimpajama",

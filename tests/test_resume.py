@@ -317,3 +317,5 @@ def test_a_checkpoint_cut_mid_write_in_a_local_folder_is_skipped(setup, referenc
     assert "skipping corrupt checkpoint" in out and "resuming from" in out and "ep0-ba4-rank0.pt" in out
     assert (folder / "ep0-ba8-rank0.pt.corrupt").exists() and intact(str(folder / "ep0-ba8-rank0.pt"))
     assert_same_end(reference, str(folder), setup)
+    out = finish(launch(setup, "localsave", str(folder)))  # once more, after the end: nothing to do
+    assert "localsave: already trained to max_duration (16 batches" in out

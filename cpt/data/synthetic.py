@@ -75,6 +75,7 @@ def tiny_project(
     from cpt.model import save_tiny_pythia
 
     key = DOMAIN_KEYS["pile"]
+    tmp.mkdir(parents=True, exist_ok=True)
     for name, styles in domains.items():
         for split, n in docs.items():
             src = tmp / f"{name}-{split}.jsonl"
