@@ -16,12 +16,16 @@ Then the merged ``index.json`` and, last, ``manifest.json`` are written.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
+import multiprocessing
 import os
 import queue as _queue
 import shutil
+import sys
 import time
+import types
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
@@ -364,9 +368,24 @@ def _run_pack(pool, tasks, domains, split_root, seq_len, size_limit, compression
     return {name: fut.result() for name, fut in futures.items()}
 
 
+def _mds_writer():
+    """mosaicml-streaming's ``MDSWriter``. In a spawned conversion worker it is loaded without running the
+    package's ``__init__``, which imports its datasets with torch, transformers and torchvision: 4.4 s per
+    process measured here, against 1.4 s for the writer's own modules."""
+    if multiprocessing.parent_process() is not None and "streaming" not in sys.modules:
+        for name in ("streaming", "streaming.base", "streaming.base.format"):
+            spec = importlib.util.find_spec(name)
+            package = types.ModuleType(name)
+            package.__path__, package.__spec__ = list(spec.submodule_search_locations), spec
+            sys.modules[name] = package
+    from streaming.base.format.mds.writer import MDSWriter
+
+    return MDSWriter
+
+
 def _pack_domain(parts: list[str], out: str, seq_len: int, size_limit, compression) -> tuple[int, int]:
     """Concatenate token files in order, write full samples; -> (samples, tail tokens dropped)."""
-    from streaming import MDSWriter
+    MDSWriter = _mds_writer()  # noqa: N806
 
     if storage.is_s3(out):
         local = os.path.join(cache_dir("convert-upload"), hashlib.sha256(out.encode()).hexdigest()[:16])
