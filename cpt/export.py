@@ -1,4 +1,9 @@
-"""``cpt export``: a Composer checkpoint (local or ``s3://``, monolithic) -> a Hugging Face GPT-NeoX folder."""
+"""``cpt export``: a Composer checkpoint -> a Hugging Face GPT-NeoX folder with Pythia's tokenizer.
+
+The checkpoint is local or ``s3://``: a monolithic ``ep*-ba*-rank0.pt`` file, or the folder of a sharded FSDP
+checkpoint (``ep*-ba*/`` holding ``__<rank>_0.distcp`` files and ``.metadata``), which is gathered into one
+state dict with torch's ``dcp_to_torch_save``.
+"""
 
 from __future__ import annotations
 
@@ -16,12 +21,14 @@ def export(checkpoint: str, out: str) -> str:
     from cpt.model import save_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        local = checkpoint
-        if storage.is_s3(checkpoint):
-            local = os.path.join(tmp, "checkpoint.pt")
-            storage.download_file(checkpoint, local)
-        if not os.path.isfile(local):
-            raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+        local = _fetch(checkpoint, tmp)
+        if os.path.isdir(local):
+            from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+            if not os.path.isfile(os.path.join(local, ".metadata")):
+                raise FileNotFoundError(f"{checkpoint}: a folder, but not a sharded checkpoint (no .metadata)")
+            dcp_to_torch_save(local, os.path.join(tmp, "gathered.pt"))
+            local = os.path.join(tmp, "gathered.pt")
         state = torch.load(local, map_location="cpu", weights_only=False)["state"]
     try:
         hf_config = state["integrations"]["huggingface"]["model"]["config"]["content"]
@@ -40,3 +47,22 @@ def export(checkpoint: str, out: str) -> str:
     model.save_pretrained(out)
     save_tokenizer(out)
     return out
+
+
+def _fetch(checkpoint: str, tmp: str) -> str:
+    """A local path to the checkpoint file or sharded folder, downloading from ``s3://`` into ``tmp``."""
+    if not storage.is_s3(checkpoint):
+        if not os.path.exists(checkpoint):
+            raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+        return checkpoint
+    if checkpoint.endswith(".pt"):
+        local = os.path.join(tmp, "checkpoint.pt")
+        storage.download_file(checkpoint, local)
+        return local
+    keys = storage.list_prefix(checkpoint)
+    if not keys:
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint} holds no objects")
+    folder = os.path.join(tmp, "sharded")
+    for key in keys:
+        storage.download_file(storage.join(checkpoint, key), os.path.join(folder, key))
+    return folder

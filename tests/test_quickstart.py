@@ -68,3 +68,36 @@ def test_quickstart_on_s3(tmp_path, s3_bucket):
         assert f"runs/cpt-{run}/checkpoints/ep0-ba8-rank0.pt" in keys
         assert f"runs/cpt-{run}/checkpoints/metrics.jsonl" in keys
     assert (tmp_path / "qs" / "summary.md").is_file() and (tmp_path / "qs" / "pretrained" / "config.json").is_file()
+
+
+def test_export_of_a_sharded_checkpoint_on_s3(tmp_path, s3_bucket):
+    """A sharded FSDP checkpoint: Composer's layout (``{'state': state.state_dict(), 'rng': ...}`` written by
+    torch.distributed.checkpoint into ``ep*-ba*/``), read from S3. FSDP itself needs a GPU, so the folder is
+    written here by the same DCP writer Composer uses, from a CPU Trainer's state."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from composer import Trainer
+    from composer.models import HuggingFaceModel
+    from composer.utils import reproducibility
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cpt import storage
+    from cpt.cli import main
+    from cpt.model import save_tiny_pythia
+
+    src = save_tiny_pythia(str(tmp_path / "src"), seed=4)
+    hf = AutoModelForCausalLM.from_pretrained(src)
+    model = HuggingFaceModel(hf, tokenizer=AutoTokenizer.from_pretrained(src))
+    trainer = Trainer(model=model, device="cpu", progress_bar=False, log_to_console=False)
+    folder = tmp_path / "ep0-ba8"
+    state = {"state": trainer.state.state_dict(), "rng": reproducibility.get_rng_state()}
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(folder)))
+    assert (folder / ".metadata").is_file() and (folder / "__0_0.distcp").is_file()
+    for f in folder.iterdir():
+        storage.upload_file(str(f), f"{s3_bucket}/run/ep0-ba8/{f.name}")
+
+    assert main(["export", f"{s3_bucket}/run/ep0-ba8", str(tmp_path / "out")]) == 0
+    out = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    ids = torch.tensor([[12092, 1533, 0, 510, 3158]])
+    with torch.no_grad():
+        assert torch.equal(out(ids).logits, hf(ids).logits)
