@@ -42,6 +42,7 @@ SCHEDULES = {  # name -> scheduler and LR for the continual phase
 
 def base_config(
     root: str,
+    work: str,
     run: str,
     model: str,
     train: list,
@@ -75,7 +76,7 @@ def base_config(
                 "at_peak": True,
                 "first": True,
             },
-            "run_dir": os.path.join(root if not storage.is_s3(root) else ".", "runs"),
+            "run_dir": os.path.join(work, "runs"),  # local even with --s3: metrics.jsonl is also uploaded
             "num_workers": 0,
         },
         "optimizer": {"name": "adamw", "lr": lr, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1},
@@ -182,6 +183,7 @@ def quickstart(
     print("2/4 pre-training on upstream", flush=True)
     pre = base_config(
         root,
+        work,
         "pretrain",
         arch,
         ["upstream"],
@@ -199,9 +201,8 @@ def quickstart(
     print("3/4 continuing on downstream under three schedules", flush=True)
     runs = []
     for name, (sched, lr) in SCHEDULES.items():
-        cfg = base_config(
-            root, f"cpt-{name}", base, ["downstream"], lr, dict(sched), cpt_steps, from_scratch=False, eval_every=4
-        )
+        run = f"cpt-{name}"
+        cfg = base_config(root, work, run, base, ["downstream"], lr, dict(sched), cpt_steps, False, eval_every=4)
         _train(cfg, work)
         runs.append(report.load(os.path.join(cfg["cpt"]["run_dir"], cfg["run_name"]), label=name))
     print("4/4 writing the report", flush=True)
