@@ -26,6 +26,7 @@ from cpt.data.convert import convert
 from cpt.export import export
 from cpt.model import save_tiny_pythia
 from cpt.report import Run
+from cpt.resume import checkpoints
 
 KEY = "meta.pile_set_name"
 UPSTREAM = {"Prose": "prose", "Science": "science"}
@@ -195,9 +196,8 @@ def quickstart(
     )
     pre["cpt"]["eval"].update(warmup_interval=None, at_peak=False)  # pre-training: evaluate first and last only
     _train(pre, work)
-    base = export(
-        storage.join(pre["save_folder"], f"ep0-ba{pretrain_steps}-rank0.pt"), os.path.join(work, "pretrained")
-    )
+    newest = checkpoints(pre["save_folder"])[0][1]  # ep<N>-ba<steps>: N counts passes over the data
+    base = export(storage.join(pre["save_folder"], newest), os.path.join(work, "pretrained"))
     print("3/4 continuing on downstream under three schedules", flush=True)
     runs = []
     for name, (sched, lr) in SCHEDULES.items():
