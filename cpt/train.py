@@ -20,7 +20,7 @@ import sys
 from omegaconf import DictConfig
 
 from cpt import config as C
-from cpt import faults, resume, storage
+from cpt import faults, orphans, resume, storage
 from cpt import model as M
 from cpt.cache import cache_dir
 from cpt.data import mixture
@@ -156,9 +156,13 @@ def train_from_yaml(path: str, overrides: list[str] | None = None):
     uploads = callbacks.get("cpt_checkpoint_upload") or {}
     if "cpt_run_lock" in callbacks and os.environ.get("RANK", "0") == "0":
         resume.acquire(callbacks["cpt_run_lock"]["save_folder"])  # before anything is written to the save folder
+    if "cpt_run_lock" in callbacks:
+        orphans.mark(callbacks["cpt_run_lock"]["save_folder"])  # every process this rank spawns carries it
     if os.environ.get("LOCAL_RANK", "0") == "0":
         from streaming.base.util import clean_stale_shared_memory
 
+        if "cpt_run_lock" in callbacks:
+            orphans.reap(callbacks["cpt_run_lock"]["save_folder"])  # a killed launch's upload workers
         clean_stale_shared_memory()  # a killed run leaves /dev/shm segments that would block this one
         if uploads.get("staging"):
             shutil.rmtree(uploads["staging"], ignore_errors=True)  # a killed run's partial or unsent saves

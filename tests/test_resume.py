@@ -319,3 +319,50 @@ def test_a_checkpoint_cut_mid_write_in_a_local_folder_is_skipped(setup, referenc
     assert_same_end(reference, str(folder), setup)
     out = finish(launch(setup, "localsave", str(folder)))  # once more, after the end: nothing to do
     assert "localsave: already trained to max_duration (16 batches" in out
+
+
+OWNER = """
+import multiprocessing, os, signal, sys, time
+from cpt import orphans
+
+def helper():
+    time.sleep(600)
+
+if __name__ == "__main__":
+    orphans.mark(sys.argv[1])
+    child = multiprocessing.get_context("spawn").Process(target=helper, daemon=True)  # as Composer's uploader
+    child.start()
+    print(child.pid, flush=True)
+    time.sleep(600)
+"""
+
+
+def running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_killed_launchs_spawned_helpers_are_stopped(tmp_path):
+    from cpt import orphans
+
+    script = tmp_path / "owner.py"
+    script.write_text(OWNER)
+    folder = "s3://bucket/runs/orphans"
+    owner = subprocess.Popen([sys.executable, str(script), folder], stdout=subprocess.PIPE, text=True)
+    helper = int(owner.stdout.readline())
+    try:
+        assert orphans.reap(folder) == [] and running(helper)  # its launch is alive: left alone
+        owner.kill()  # SIGKILL: the spawned helper outlives it
+        owner.wait()
+        time.sleep(0.5)
+        assert running(helper)
+        assert orphans.reap("s3://bucket/runs/another") == [] and running(helper)
+        stopped = orphans.reap(folder)  # the helper, and multiprocessing's resource tracker
+        assert helper in stopped and len(stopped) <= 2
+        wait_for(lambda: not running(helper), "the helper to stop", timeout=10, every=0.05)
+    finally:
+        if running(helper):
+            os.kill(helper, signal.SIGKILL)
