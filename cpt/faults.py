@@ -40,7 +40,6 @@ def planned() -> tuple[str, int] | None:
 
 def kill(point: str, batch: int) -> None:
     log.warning("fault injected: SIGKILL during %s at batch %d", point, batch)
-    print(f"cpt fault injected: SIGKILL during {point} at batch {batch}", flush=True)
     sys.stderr.flush()
     os.kill(os.getpid(), signal.SIGKILL)
 

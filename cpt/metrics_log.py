@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import threading
+from pathlib import Path
 
 from composer.core import Event, State
 from composer.loggers import Logger, LoggerDestination
@@ -52,7 +53,7 @@ class MetricsJSONL(LoggerDestination):
                     return  # the previous upload is still going (an S3 outage): training does not wait
                 self._upload.join()
             if os.path.isfile(self.path):
-                self._upload = threading.Thread(target=self._send, args=(_snapshot(self.path),), daemon=True)
+                self._upload = threading.Thread(target=self._send, args=(Path(self.path).read_bytes(),), daemon=True)
                 self._upload.start()
                 if event == Event.FIT_END:
                     self._upload.join()
@@ -62,8 +63,3 @@ class MetricsJSONL(LoggerDestination):
             storage.write_bytes(storage.join(self.remote, "metrics.jsonl"), data)
         except storage.StorageError as exc:  # metrics stay local; training goes on
             log.warning("could not upload metrics: %s", exc)
-
-
-def _snapshot(path: str) -> bytes:
-    with open(path, "rb") as fh:
-        return fh.read()

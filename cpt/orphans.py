@@ -26,7 +26,8 @@ def mark(save_folder: str) -> None:
     os.environ[ENV] = f"{run_key(save_folder)}:{os.getpid()}"
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host."""
     try:
         os.kill(pid, 0)
         return True
@@ -59,7 +60,7 @@ def reap(save_folder: str) -> list[int]:
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
         owner = _owner_of(pid)
-        if owner and owner[0] == key and not _alive(owner[1]):
+        if owner and owner[0] == key and not pid_alive(owner[1]):
             try:
                 os.kill(int(pid), signal.SIGKILL)
                 killed.append(int(pid))

@@ -25,19 +25,22 @@ from composer.utils import dist
 
 from cpt import storage
 from cpt.cache import locked
+from cpt.orphans import pid_alive
 
 log = logging.getLogger(__name__)
 CHECKPOINT = re.compile(r"^ep(\d+)-ba(\d+)-rank0\.pt$")
 
 
+def batch_of(name: str) -> int | None:
+    """The batch of a monolithic checkpoint's file name (``ep0-ba8-rank0.pt`` -> 8), or None for other names."""
+    m = CHECKPOINT.match(os.path.basename(name))
+    return int(m.group(2)) if m else None
+
+
 def checkpoints(save_folder: str) -> list[tuple[int, str]]:
     """``(batch, name)`` of every monolithic checkpoint in the folder, newest first."""
-    found = []
-    for key in storage.list_prefix(save_folder):
-        m = CHECKPOINT.match(key)
-        if m:
-            found.append((int(m.group(2)), key))
-    return sorted(found, reverse=True)
+    found = [(batch_of(key), key) for key in storage.list_prefix(save_folder)]
+    return sorted(((b, key) for b, key in found if b is not None), reverse=True)
 
 
 def intact(path: str) -> bool:
@@ -114,12 +117,9 @@ def _alive_here(owner: dict) -> bool:
     if owner.get("host") != socket.gethostname():
         return True  # cannot tell from here: trust the heartbeat
     try:
-        os.kill(int(owner["pid"]), 0)
-        return True
-    except (ProcessLookupError, ValueError, KeyError):
+        return pid_alive(int(owner["pid"]))
+    except (ValueError, KeyError):
         return False
-    except PermissionError:
-        return True
 
 
 def acquire(save_folder: str) -> None:

@@ -147,22 +147,23 @@ def train_from_yaml(path: str, overrides: list[str] | None = None):
     os.environ[storage.RETRY_ENV] = str(C.check(cfg, path).s3_retry_s)  # for every S3 call of this run
     expanded = expand(cfg, path)
     if expanded.get("load_path"):
-        batch = int(resume.CHECKPOINT.match(os.path.basename(expanded.load_path)).group(2))
+        batch = resume.batch_of(expanded.load_path)
         total = math.ceil(scheduler_from_config(cfg, path)[1].batches("1dur", "max_duration"))
         if batch >= total:
             print(f"{cfg.run_name}: already trained to max_duration ({total} batches, {expanded.load_path})")
             return None
     callbacks = expanded.get("callbacks") or {}
     uploads = callbacks.get("cpt_checkpoint_upload") or {}
-    if "cpt_run_lock" in callbacks and os.environ.get("RANK", "0") == "0":
-        resume.acquire(callbacks["cpt_run_lock"]["save_folder"])  # before anything is written to the save folder
-    if "cpt_run_lock" in callbacks:
-        orphans.mark(callbacks["cpt_run_lock"]["save_folder"])  # every process this rank spawns carries it
+    save_folder = (callbacks.get("cpt_run_lock") or {}).get("save_folder")
+    if save_folder:
+        if os.environ.get("RANK", "0") == "0":
+            resume.acquire(save_folder)  # before anything is written to the save folder
+        orphans.mark(save_folder)  # every process this rank spawns carries it
     if os.environ.get("LOCAL_RANK", "0") == "0":
         from streaming.base.util import clean_stale_shared_memory
 
-        if "cpt_run_lock" in callbacks:
-            orphans.reap(callbacks["cpt_run_lock"]["save_folder"])  # a killed launch's upload workers
+        if save_folder:
+            orphans.reap(save_folder)  # a killed launch's upload workers
         clean_stale_shared_memory()  # a killed run leaves /dev/shm segments that would block this one
         if uploads.get("staging"):
             shutil.rmtree(uploads["staging"], ignore_errors=True)  # a killed run's partial or unsent saves

@@ -20,7 +20,7 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 from cpt import faults, storage
-from cpt.resume import CHECKPOINT, prune
+from cpt.resume import batch_of, prune
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +80,8 @@ class CheckpointUpload(Callback):
         self._raise_if_failed()
         if not self._active():
             return
-        new = [n for n in os.listdir(self._local()) if CHECKPOINT.match(n) and n not in self._seen]
-        for name in sorted(new, key=_batch):
+        new = [n for n in os.listdir(self._local()) if batch_of(n) is not None and n not in self._seen]
+        for name in sorted(new, key=batch_of):
             self._seen.add(name)
             nbytes = os.path.getsize(os.path.join(self._local(), name))
             seconds = time.perf_counter() - self._checkpoint_event
@@ -123,8 +123,3 @@ class CheckpointUpload(Callback):
                 prune(self.save_folder, self.keep)
             except storage.StorageError as exc:
                 log.warning("could not trim %s: %s", self.save_folder, exc)
-
-
-def _batch(name: str) -> int:
-    m = CHECKPOINT.match(name)
-    return int(m.group(2)) if m else -1
