@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import glob
+import io
 import logging
 import os
 import shutil
@@ -186,11 +187,60 @@ def exists(path: str) -> bool:
     return _s3(f"cannot reach {path}", call)
 
 
+class _S3Reader(io.RawIOBase):
+    """An S3 object as a stream that survives dropped connections: a read that fails part-way asks again for
+    the rest (``Range: bytes=<pos>-``, same ETag), with ``_s3``'s backoff and limit."""
+
+    def __init__(self, url: str):
+        self.url, (self.bucket, self.key) = url, split_s3(url)
+        first = _s3(f"cannot read {url}", lambda: s3_client().get_object(Bucket=self.bucket, Key=self.key))
+        self.body, self.etag, self.size, self.pos = first["Body"], first["ETag"], first["ContentLength"], 0
+
+    def readable(self) -> bool:
+        return True
+
+    def _chunk(self, n: int) -> bytes:
+        from botocore.exceptions import IncompleteReadError
+
+        if self.body is None:
+            rest = f"bytes={self.pos}-"
+            self.body = s3_client().get_object(Bucket=self.bucket, Key=self.key, Range=rest, IfMatch=self.etag)["Body"]
+        try:
+            data = self.body.read(n)
+            if not data:  # the connection closed early without an error
+                raise IncompleteReadError(actual_bytes=self.pos, expected_bytes=self.size)
+        except Exception:
+            self.body.close()
+            self.body = None
+            raise
+        return data
+
+    def readinto(self, buf) -> int:
+        if self.pos >= self.size:
+            return 0
+        want = min(len(buf), self.size - self.pos)
+        data = _s3(f"cannot read {self.url} at byte {self.pos:,} of {self.size:,}", lambda: self._chunk(want))
+        buf[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+    def readall(self) -> bytes:
+        parts = []
+        while chunk := self.read(8 << 20):
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        if getattr(self, "body", None) is not None:
+            self.body.close()
+            self.body = None
+        super().close()
+
+
 def open_binary(path: str):
     """A readable binary stream over a local file or an S3 object (streamed, not loaded)."""
     if is_s3(path):
-        bucket, key = split_s3(path)
-        return _s3(f"cannot read {path}", lambda: s3_client().get_object(Bucket=bucket, Key=key))["Body"]
+        return _S3Reader(path)
     try:
         return open(path, "rb")
     except OSError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import threading
 import time
 import uuid
@@ -62,6 +63,73 @@ class MotoServer:
         thread = threading.Thread(target=restart, daemon=True)
         thread.start()
         return thread
+
+
+class CuttingProxy:
+    """A TCP proxy in front of the S3 server that drops connections in the middle of a transfer.
+
+    ``cut("down", 1 << 20)`` resets the first connection that carries more than 1 MiB from the server to the
+    client (a download), once; ``"up"`` counts client-to-server bytes (an upload). Cuts are used in order."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream, self.cuts, self.done = upstream_port, [], []
+        self.lock = threading.Lock()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def cut(self, direction: str, after: int) -> None:
+        with self.lock:
+            self.cuts.append((direction, after))
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.upstream))
+            pair = (client, server)
+            threading.Thread(target=self._pump, args=(client, server, "up", pair), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, "down", pair), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, direction: str, pair) -> None:
+        sent = 0
+        try:
+            while data := src.recv(65536):
+                with self.lock:
+                    cut = self.cuts[0] if self.cuts and self.cuts[0][0] == direction else None
+                    if cut and sent + len(data) > cut[1]:
+                        self.cuts.pop(0)
+                        self.done.append(cut)
+                if cut and sent + len(data) > cut[1]:
+                    dst.sendall(data[: max(cut[1] - sent, 0)])
+                    for s in pair:  # RST, as a dropped network path looks to the peers
+                        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        s.shutdown(socket.SHUT_RD)  # wakes the other pump, blocked in recv
+                        s.close()
+                    return
+                dst.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        for s in pair:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def cutting_proxy(moto, monkeypatch) -> CuttingProxy:
+    """S3 calls in this test go through a ``CuttingProxy`` to the moto server."""
+    proxy = CuttingProxy(moto.port)
+    monkeypatch.setenv("S3_ENDPOINT_URL", proxy.endpoint)
+    yield proxy
+    proxy.close()
 
 
 @pytest.fixture(scope="session")

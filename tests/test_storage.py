@@ -46,3 +46,70 @@ def test_a_missing_object_fails_at_once(s3_bucket, tmp_path):
     with pytest.raises(storage.StorageError, match=r"cannot download s3://.*/nope.pt"):
         storage.download_file(f"{s3_bucket}/nope.pt", str(tmp_path / "x"))
     assert time.monotonic() - t0 < 5
+
+
+# Connections dropped in the middle of a transfer (``CuttingProxy``): the bytes that arrive are the object's.
+
+
+def _payload(n: int) -> bytes:
+    import random
+
+    return random.Random(n).randbytes(n)
+
+
+def test_a_read_cut_mid_transfer_resumes_from_the_byte_it_reached(cutting_proxy, s3_bucket, tmp_path, caplog):
+    url = f"{s3_bucket}/big.bin"
+    payload = _payload(6 << 20)
+    storage.write_bytes(url, payload)
+    cutting_proxy.cut("down", 1 << 20)
+    cutting_proxy.cut("down", 2 << 20)  # the resumed request is cut too
+    with caplog.at_level("WARNING"):
+        assert storage.read_bytes(url) == payload
+    assert cutting_proxy.done == [("down", 1 << 20), ("down", 2 << 20)]
+    assert f"cannot read {url} at byte" in caplog.text
+    cutting_proxy.cut("down", 3 << 20)
+    storage.download_file(url, str(tmp_path / "big.bin"))
+    assert (tmp_path / "big.bin").read_bytes() == payload and len(cutting_proxy.done) == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["big.bin"]  # no partial file left beside it
+
+
+def test_a_compressed_source_cut_mid_stream_yields_every_line_once(cutting_proxy, s3_bucket, tmp_path):
+    import zstandard
+
+    from cpt.data import sources, synthetic
+
+    src = tmp_path / "docs.jsonl"
+    synthetic.write_jsonl(src, {"a": "prose", "b": "code"}, docs=3000, seed=5, domain_key="meta.set")
+    packed = zstandard.ZstdCompressor(level=1).compress(src.read_bytes())
+    assert len(packed) > 600_000
+    url = f"{s3_bucket}/docs.jsonl.zst"
+    storage.write_bytes(url, packed)
+    cutting_proxy.cut("down", 200_000)
+    cutting_proxy.cut("down", 150_000)
+    lines = [line for _, line in sources.iter_lines(url)]
+    assert len(cutting_proxy.done) == 2
+    assert lines == src.read_bytes().splitlines(keepends=True)
+
+
+@pytest.mark.parametrize("size", [3 << 20, 20 << 20], ids=["single-put", "multipart"])
+def test_an_upload_cut_mid_transfer_is_sent_again_whole(cutting_proxy, s3_bucket, tmp_path, size):
+    src = tmp_path / "ckpt.pt"
+    src.write_bytes(_payload(size))
+    cutting_proxy.cut("up", size // 3)
+    url = f"{s3_bucket}/run/ep0-ba8-rank0.pt"
+    storage.upload_file(str(src), url)
+    assert cutting_proxy.done == [("up", size // 3)]
+    assert storage.read_bytes(url) == src.read_bytes()
+
+
+def test_a_connection_that_keeps_dropping_fails_naming_the_object_and_byte(cutting_proxy, s3_bucket, monkeypatch):
+    monkeypatch.setenv(storage.RETRY_ENV, "2")
+    url = f"{s3_bucket}/big.bin"
+    storage.write_bytes(url, _payload(4 << 20))
+    cutting_proxy.cut("down", 1 << 20)
+    for _ in range(200):  # after the first megabyte, every connection drops before any byte arrives
+        cutting_proxy.cut("down", 0)
+    t0 = time.monotonic()
+    with pytest.raises(storage.StorageError, match=rf"cannot read {url} at byte [\d,]+ of 4,194,304: S3 unreachable"):
+        storage.read_bytes(url)
+    assert time.monotonic() - t0 < 10
