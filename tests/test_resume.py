@@ -266,6 +266,27 @@ def test_fingerprint_mismatch_is_refused(setup, s3_bucket):
     )
 
 
+def test_resuming_onto_reconverted_data_is_refused(setup, s3_bucket, tmp_path):
+    """Same paths, same mixture, different documents: the split's manifest fingerprint changed."""
+    import shutil
+
+    from cpt.data.convert import DOMAIN_KEYS, convert
+    from cpt.data.synthetic import TOKENIZER, write_jsonl
+
+    folder = f"{s3_bucket}/runs/fp-data"
+    finish(launch(setup, "fp-data", folder, "max_duration=4ba"))
+    moved = tmp_path / "data"
+    shutil.copytree(setup / "data", moved)
+    shutil.rmtree(moved / "upstream" / "train")
+    src = tmp_path / "other.jsonl"
+    write_jsonl(src, {"Pile-CC": "science"}, docs=120, seed=99, domain_key=DOMAIN_KEYS["pile"])
+    convert([str(src)], str(moved / "upstream"), "train", TOKENIZER, DOMAIN_KEYS["pile"], seq_len=64, workers=1)
+    proc = launch(setup, "fp-data", folder, "max_duration=8ba", f"variables.data={moved}")
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0 and "trained on data with fingerprint" in out, out[-3000:]
+    assert [b for b, _ in checkpoints(folder)] == [4]  # nothing was trained onto the old checkpoint
+
+
 def test_second_launch_is_refused_while_the_first_is_alive(setup, s3_bucket):
     folder = f"{s3_bucket}/runs/twice"
     first = launch(setup, "twice", folder, "max_duration=40ba")
