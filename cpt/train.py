@@ -160,13 +160,15 @@ def train_from_yaml(path: str, overrides: list[str] | None = None):
             resume.acquire(save_folder)  # before anything is written to the save folder
         orphans.mark(save_folder)  # every process this rank spawns carries it
     if os.environ.get("LOCAL_RANK", "0") == "0":
-        from streaming.base.util import clean_stale_shared_memory
-
         if save_folder:
             orphans.reap(save_folder)  # a killed launch's upload workers
-        clean_stale_shared_memory()  # a killed run leaves /dev/shm segments that would block this one
         if uploads.get("staging"):
             shutil.rmtree(uploads["staging"], ignore_errors=True)  # a killed run's partial or unsent saves
+    from streaming.base.util import clean_stale_shared_memory
+
+    # A killed run leaves /dev/shm segments that would block this one. Every rank calls it: it joins a
+    # process group of its own, so a rank that skipped it would meet the others' barrier in llm-foundry's.
+    clean_stale_shared_memory()
     log.info("expanded %s for llm-foundry", path)
     return train(expanded)
 

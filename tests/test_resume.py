@@ -28,7 +28,7 @@ def setup(tmp_path_factory, tiny_project):
     return tiny_project(tmp_path_factory.mktemp("resume"), domains, {"train": 120, "val": 10})
 
 
-def launch(setup: Path, run: str, save_folder: str, *extra: str, fault: str = "") -> subprocess.Popen:
+def launch(setup: Path, run: str, save_folder: str, *extra: str, fault: str = "", ranks: int = 1) -> subprocess.Popen:
     args = [
         f"variables.data={setup / 'data'}",
         f"variables.model={setup / 'model'}",
@@ -45,8 +45,9 @@ def launch(setup: Path, run: str, save_folder: str, *extra: str, fault: str = ""
         *extra,
     ]
     env = {**os.environ, "CPT_CACHE": str(setup / "cache" / run), faults.ENV: fault}
+    launcher = ["-m", "composer.cli.launcher", "-n", str(ranks)] if ranks > 1 else []  # `composer -n N`
     return subprocess.Popen(
-        [sys.executable, "-m", "cpt.train", str(TINY), *args],
+        [sys.executable, *launcher, "-m", "cpt.train", str(TINY), *args],
         cwd=setup,
         env=env,
         start_new_session=True,
@@ -175,6 +176,24 @@ def test_kills_at_random_points_resume_bit_identical(setup, reference, s3_bucket
     assert Counter(s for b in got_batches for s in b) == Counter(s for b in ref_batches for s in b)
     assert replays and all(first == last for _, first, last in replays)  # a re-trained batch is the same batch
     assert set(os.listdir("/dev/shm")) <= shm_before  # the killed runs' shared memory was cleaned up
+
+
+def test_two_ranks_killed_mid_run_resume_bit_identical(setup, s3_bucket):
+    """``composer -n 2`` (DDP over gloo on CPU): both ranks are killed after batch 6; the same command resumes
+    both from the checkpoint of batch 4 on S3 and ends equal to an uninterrupted two-rank run."""
+    two = ("device_train_microbatch_size=2",)  # the global batch of 4 split over 2 ranks
+    reference = str(setup / "ref2-checkpoints")
+    finish(launch(setup, "ref2", reference, *two, ranks=2))
+    run = f"{s3_bucket}/runs/ranks"
+    proc = launch(setup, "ranks", run, *two, ranks=2, fault="step:6")
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0 and "fault injected: SIGKILL during step at batch 6" in out, out[-3000:]
+    assert group_gone(proc.pid), "a rank of the killed launch outlived it"
+    assert [b for b, _ in checkpoints(run)] == [4]
+    out = finish(launch(setup, "ranks", run, *two, ranks=2))
+    assert f"resuming from {run}/ep0-ba4-rank0.pt" in out
+    assert_same_end(reference, run, setup)
+    assert [b for b, _ in checkpoints(run)] == [16, 12, 8, 4]
 
 
 def test_s3_outages_during_upload_and_at_resume_are_ridden_out(setup, reference, s3_bucket, moto):
