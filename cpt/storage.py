@@ -219,7 +219,13 @@ class _S3Reader(io.RawIOBase):
         if self.pos >= self.size:
             return 0
         want = min(len(buf), self.size - self.pos)
-        data = _s3(f"cannot read {self.url} at byte {self.pos:,} of {self.size:,}", lambda: self._chunk(want))
+        what = f"cannot read {self.url} at byte {self.pos:,} of {self.size:,}"
+        try:
+            data = _s3(what, lambda: self._chunk(want))
+        except StorageError as exc:
+            if "PreconditionFailed" in str(exc):  # IfMatch: the object was replaced since the first request
+                raise StorageError(f"{what}: the object was replaced while being read; read it again") from exc
+            raise
         buf[: len(data)] = data
         self.pos += len(data)
         return len(data)

@@ -113,3 +113,15 @@ def test_a_connection_that_keeps_dropping_fails_naming_the_object_and_byte(cutti
     with pytest.raises(storage.StorageError, match=rf"cannot read {url} at byte [\d,]+ of 4,194,304: S3 unreachable"):
         storage.read_bytes(url)
     assert time.monotonic() - t0 < 10
+
+
+def test_an_object_replaced_during_a_cut_read_is_not_spliced(cutting_proxy, s3_bucket):
+    """The resumed request asks for the same ETag: bytes of a newer object are never appended to the old."""
+    url = f"{s3_bucket}/big.bin"
+    storage.write_bytes(url, _payload(4 << 20))
+    cutting_proxy.cut("down", 1 << 20)
+    with storage.open_binary(url) as fh:  # the first request is answered before the object is replaced
+        storage.write_bytes(url, _payload(5 << 20))
+        replaced = rf"cannot read {url} at byte [\d,]+ of 4,194,304: the object was replaced"
+        with pytest.raises(storage.StorageError, match=replaced):
+            fh.read()
