@@ -199,12 +199,21 @@ class _S3Reader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def _where(self) -> str:
+        return f"cannot read {self.url} at byte {self.pos:,} of {self.size:,}"
+
     def _chunk(self, n: int) -> bytes:
-        from botocore.exceptions import IncompleteReadError
+        from botocore.exceptions import ClientError, IncompleteReadError
 
         if self.body is None:
             rest = f"bytes={self.pos}-"
-            self.body = s3_client().get_object(Bucket=self.bucket, Key=self.key, Range=rest, IfMatch=self.etag)["Body"]
+            try:
+                answer = s3_client().get_object(Bucket=self.bucket, Key=self.key, Range=rest, IfMatch=self.etag)
+            except ClientError as exc:  # IfMatch: the object was replaced since the first request
+                if exc.response.get("Error", {}).get("Code") == "PreconditionFailed":
+                    raise StorageError(f"{self._where()}: the object was replaced while being read") from exc
+                raise
+            self.body = answer["Body"]
         try:
             data = self.body.read(n)
             if not data:  # the connection closed early without an error
@@ -219,13 +228,7 @@ class _S3Reader(io.RawIOBase):
         if self.pos >= self.size:
             return 0
         want = min(len(buf), self.size - self.pos)
-        what = f"cannot read {self.url} at byte {self.pos:,} of {self.size:,}"
-        try:
-            data = _s3(what, lambda: self._chunk(want))
-        except StorageError as exc:
-            if "PreconditionFailed" in str(exc):  # IfMatch: the object was replaced since the first request
-                raise StorageError(f"{what}: the object was replaced while being read; read it again") from exc
-            raise
+        data = _s3(self._where(), lambda: self._chunk(want))
         buf[: len(data)] = data
         self.pos += len(data)
         return len(data)

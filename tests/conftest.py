@@ -99,10 +99,10 @@ class CuttingProxy:
             while data := src.recv(65536):
                 with self.lock:
                     cut = self.cuts[0] if self.cuts and self.cuts[0][0] == direction else None
-                    if cut and sent + len(data) > cut[1]:
-                        self.cuts.pop(0)
-                        self.done.append(cut)
-                if cut and sent + len(data) > cut[1]:
+                    fire = cut is not None and sent + len(data) > cut[1]
+                    if fire:
+                        self.done.append(self.cuts.pop(0))
+                if fire:
                     dst.sendall(data[: max(cut[1] - sent, 0)])
                     for s in pair:  # RST, as a dropped network path looks to the peers
                         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

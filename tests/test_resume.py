@@ -286,7 +286,8 @@ def test_fingerprint_mismatch_is_refused(setup, s3_bucket):
 
 
 def test_resuming_onto_reconverted_data_is_refused(setup, s3_bucket, tmp_path):
-    """Same paths, same mixture, different documents: the split's manifest fingerprint changed."""
+    """The same mixture of the same domain names, re-converted from different documents: the manifest
+    fingerprint changed, so the resume is refused."""
     import shutil
 
     from cpt.data.convert import DOMAIN_KEYS, convert
