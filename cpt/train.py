@@ -20,7 +20,7 @@ import sys
 from omegaconf import DictConfig
 
 from cpt import config as C
-from cpt import faults, orphans, resume, storage
+from cpt import faults, orphans, resume, shm, storage
 from cpt import model as M
 from cpt.cache import cache_dir
 from cpt.data import mixture
@@ -164,11 +164,7 @@ def train_from_yaml(path: str, overrides: list[str] | None = None):
             orphans.reap(save_folder)  # a killed launch's upload workers
         if uploads.get("staging"):
             shutil.rmtree(uploads["staging"], ignore_errors=True)  # a killed run's partial or unsent saves
-    from streaming.base.util import clean_stale_shared_memory
-
-    # A killed run leaves /dev/shm segments that would block this one. Every rank calls it: it joins a
-    # process group of its own, so a rank that skipped it would meet the others' barrier in llm-foundry's.
-    clean_stale_shared_memory()
+        shm.clean_stale()  # a killed run's /dev/shm segments, which would block this one; live runs' stay
     log.info("expanded %s for llm-foundry", path)
     return train(expanded)
 

@@ -407,3 +407,55 @@ def test_a_killed_launchs_spawned_helpers_are_stopped(tmp_path):
     finally:
         if running(helper):
             os.kill(helper, signal.SIGKILL)
+
+
+def test_a_second_run_on_the_host_leaves_the_first_runs_shared_memory_alone(setup, monkeypatch):
+    """Two runs on one machine (two single-GPU jobs of a sweep): the second one's start-up removes only stale
+    segments, not the live run's (streaming's ``clean_stale_shared_memory`` unlinked those), and both finish."""
+    tmp = setup / "tmp-shm"  # streaming skips prefixes whose file locks are in the temp folder: start at 0
+    tmp.mkdir(exist_ok=True)
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    before = set(os.listdir("/dev/shm"))
+    long_run = ("max_duration=120ba", "save_interval=120ba", "cpt.eval.interval=60ba")
+    first = Lines(launch(setup, "shm-first", str(setup / "shm-first"), *long_run))
+    log = setup / "runs" / "shm-first" / "samples-rank0.jsonl"
+    wait_for(lambda: log.exists() and '"batch": 2' in log.read_text(), "the first run to train")
+    mine = {n: os.stat(f"/dev/shm/{n}").st_ino for n in set(os.listdir("/dev/shm")) - before}  # the same names
+    assert mine, "the first run created no shared memory"  # may be reused by the second run: compare inodes
+    second = Lines(launch(setup, "shm-second", str(setup / "shm-second")))
+    log2 = setup / "runs" / "shm-second" / "samples-rank0.jsonl"
+    wait_for(lambda: log2.exists() and '"batch": 2' in log2.read_text(), "the second run to train")
+    assert first.proc.poll() is None, "the first run ended before the second started: make it longer"
+    now = {n: os.stat(f"/dev/shm/{n}").st_ino for n in os.listdir("/dev/shm")}
+    gone = sorted(n for n, ino in mine.items() if now.get(n) != ino)
+    assert not gone, f"the second run removed the live first run's shared memory: {gone}"
+    second.finish()
+    first.finish()
+
+
+def test_only_unmapped_streaming_segments_are_stale(tmp_path):
+    """``shm.clean_stale``: a segment that a live process maps stays, as do fresh ones and other files."""
+    from multiprocessing import shared_memory
+
+    from cpt import shm
+
+    base = 900000 + os.getpid() % 90000
+    held = shared_memory.SharedMemory(f"{base:06}_locals", create=True, size=64)  # mapped by this process
+    stale = shared_memory.SharedMemory(f"{base + 1:06}_barrier", create=True, size=64)
+    fresh = shared_memory.SharedMemory(f"{base + 2:06}_barrier", create=True, size=64)
+    other = shared_memory.SharedMemory(f"cpt-test-{base}", create=True, size=64)
+    try:
+        for seg in (stale, fresh, other):
+            seg.close()  # unmapped, as a killed run's
+        old = time.time() - 60
+        for name in (stale.name, other.name):
+            os.utime(f"/dev/shm/{name}", (old, old))
+        removed = shm.clean_stale()
+        assert stale.name in removed and not os.path.exists(f"/dev/shm/{stale.name}")
+        for name in (held.name, fresh.name, other.name):
+            assert os.path.exists(f"/dev/shm/{name}") and name not in removed, name
+    finally:
+        held.close()
+        for name in (held.name, fresh.name, other.name, stale.name):
+            if os.path.exists(f"/dev/shm/{name}"):
+                os.unlink(f"/dev/shm/{name}")
