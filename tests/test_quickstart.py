@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import json
 
-from cpt.quickstart import quickstart
+from cpt.quickstart import checks, quickstart
 
 
 def test_quickstart_reproduces_the_papers_directions(tmp_path):
     s = quickstart(str(tmp_path / "qs"))
     c, r1, r2 = s["constant"], s["rewarm-1x"], s["rewarm-2x"]
-    # re-warming raises the upstream loss during its first steps; constant LR barely moves it
-    assert r1["upstream_early_max"] > r1["upstream_start"] and r2["upstream_early_max"] > r2["upstream_start"]
+    # re-warming raises the loss on both domains during its first steps
+    for r in (r1, r2):
+        assert r["upstream_early_max"] > r["upstream_start"] and r["downstream_early_max"] > r["downstream_start"]
     # the higher max LR forgets more and adapts more; constant LR forgets least and adapts least
     assert r2["upstream_final"] > r1["upstream_final"] > c["upstream_final"]
     assert r2["downstream_final"] < r1["downstream_final"] < c["downstream_final"]
     assert all(r["upstream_start"] == c["upstream_start"] for r in (r1, r2))  # all start from the same weights
+    assert all(checks(s).values())
     report = (tmp_path / "qs" / "summary.md").read_text()
+    assert "NO:" not in report and report.count("- yes: ") == 6
     assert f"{r2['downstream_final']:.4f}" in report and f"{c['forgetting']:+.4f}" in report
     for png in ("loss.png", "lr.png", "forgetting.png"):
         assert (tmp_path / "qs" / png).read_bytes()[:4] == b"\x89PNG"
@@ -101,3 +104,27 @@ def test_export_of_a_sharded_checkpoint_on_s3(tmp_path, s3_bucket):
     ids = torch.tensor([[12092, 1533, 0, 510, 3158]])
     with torch.no_grad():
         assert torch.equal(out(ids).logits, hf(ids).logits)
+
+
+def test_bursty_text_keeps_the_word_frequencies_and_repeats_words_within_documents():
+    """The quickstart's downstream: the upstream's words at nearly the same overall frequencies (what the
+    pre-trained model already knows), but each document dwells on a few of them (what it has to learn)."""
+    import collections
+    import random
+
+    from cpt.data.synthetic import document
+
+    def stats(style: str, seed: int) -> tuple[dict, float]:
+        rng, counts, distinct = random.Random(seed), collections.Counter(), []
+        for _ in range(1000):
+            words = document(rng, style, rng.randint(50, 400)).replace(".", " ").split()
+            counts.update(words)
+            distinct.append(len(set(words[:50])))
+        total = sum(counts.values())
+        return {w: c / total for w, c in counts.items()}, sum(distinct) / len(distinct)
+
+    plain, plain_distinct = stats("science", 1)
+    bursty, bursty_distinct = stats("science-bursty", 2)
+    assert set(plain) == set(bursty)
+    assert 0.5 * sum(abs(plain[w] - bursty[w]) for w in plain) < 0.06  # total variation of the frequencies
+    assert plain_distinct > 3 * bursty_distinct  # distinct words among a document's first 50

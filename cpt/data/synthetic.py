@@ -26,16 +26,28 @@ _VOCAB = {
 _PUNCT = {"prose": ". ", "code": ";\n", "science": ". "}
 
 
+BURST = 0.9  # "-bursty": the chance that a word repeats an earlier word of its document
+
+
 def document(rng: random.Random, style: str, words: int) -> str:
-    """A document in ``style``; ``"<style>-shifted"`` uses the same words with the word frequencies reversed."""
-    base, shifted = style.removesuffix("-shifted"), style.endswith("-shifted")
+    """A document in ``style``. ``"<style>-shifted"``: the same words with the word frequencies reversed.
+    ``"<style>-bursty"``: the same words at the same overall frequencies, but each word repeats an earlier word of
+    the document with probability ``BURST`` (a Polya urn): what is new is in-context repetition, slow to learn."""
+    base, _, variant = style.partition("-")
     vocab, stop = _VOCAB[base], _PUNCT[base]
     # a skewed (Zipf-like) choice makes the text learnable by a tiny model
     weights = [1.0 / (i + 1) for i in range(len(vocab))]
-    if shifted:
+    if variant == "shifted":
         weights.reverse()
+    elif variant not in ("", "bursty"):
+        raise ValueError(f"unknown style {style!r}: expected one of {sorted(_VOCAB)}, optionally -shifted or -bursty")
+    drawn = rng.choices(vocab, weights=weights, k=words)
+    if variant == "bursty":
+        for i in range(1, words):
+            if rng.random() < BURST:
+                drawn[i] = drawn[rng.randrange(i)]
     out, sentence = [], []
-    for word in rng.choices(vocab, weights=weights, k=words):
+    for word in drawn:
         sentence.append(word)
         if len(sentence) >= rng.randint(5, 12):
             out.append(" ".join(sentence) + stop)
