@@ -24,6 +24,11 @@ def _pattern() -> re.Pattern:
     return re.compile(r"\d{6}_(" + "|".join(map(re.escape, SHM_TO_CLEAN)) + ")")
 
 
+def is_streaming_segment(path: str) -> bool:
+    """Whether ``path`` (``/000123_locals`` or ``/dev/shm/000123_locals``) names one of streaming's segments."""
+    return bool(_pattern().fullmatch(os.path.basename(path)))
+
+
 def mapped() -> set[str]:
     """Names of the ``/dev/shm`` files that a process on this host maps (as far as ``/proc`` lets us see)."""
     names = set()

@@ -182,6 +182,15 @@ def main(argv: list[str] | None = None) -> int:
     except resume.RunLockError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    except FileExistsError as exc:
+        if not shm.is_streaming_segment(exc.filename or ""):
+            raise
+        print(
+            f"error: shared memory {exc.filename} exists: another run on this host started at the same moment and "
+            "took the same mosaicml-streaming prefix. Nothing was trained; relaunch the same command",
+            file=sys.stderr,
+        )
+        return 4
     return 0
 
 

@@ -459,3 +459,24 @@ def test_only_unmapped_streaming_segments_are_stale(tmp_path):
         for name in (held.name, fresh.name, other.name, stale.name):
             if os.path.exists(f"/dev/shm/{name}"):
                 os.unlink(f"/dev/shm/{name}")
+
+
+def test_a_prefix_taken_by_a_run_started_at_the_same_moment_is_a_clear_error(monkeypatch, capsys):
+    """streaming's prefix choice races between runs started together (check, then create): the loser gets a
+    ``FileExistsError`` on its ``/<prefix>_locals``; ``cpt.train`` says what happened and what to do."""
+    from cpt import train
+
+    def raced(path, overrides):
+        raise FileExistsError(17, "File exists", "/002149_locals")
+
+    monkeypatch.setattr(train, "train_from_yaml", raced)
+    assert train.main(["config.yaml"]) == 4
+    err = capsys.readouterr().err
+    assert "/002149_locals" in err and "another run on this host" in err and "relaunch" in err
+
+    def other(path, overrides):
+        raise FileExistsError(17, "File exists", "/work/out/model.bin")
+
+    monkeypatch.setattr(train, "train_from_yaml", other)
+    with pytest.raises(FileExistsError):
+        train.main(["config.yaml"])
