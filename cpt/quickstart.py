@@ -105,13 +105,18 @@ def _train(cfg: dict, work: str) -> list[dict]:
         return [json.loads(line) for line in fh]
 
 
+def early_batches(cpt_steps: int) -> range:
+    """Where "at first" is looked for: the first quarter, from batch 2 (batches 0 and 1 train at LR 0)."""
+    return range(2, cpt_steps // 4 + 1)
+
+
 def summarize(runs: list[Run], cpt_steps: int = CPT_STEPS) -> dict[str, dict[str, float]]:
-    """Per run: start, the highest loss in the first quarter (from batch 2: batches 0 and 1 train at LR 0), final."""
+    """Per run: start, the highest loss in ``early_batches``, final."""
     out = {}
     for run in runs:
         up = run.series("metrics/eval/upstream/all/LanguageCrossEntropy")
         down = run.series("metrics/eval/downstream/all/LanguageCrossEntropy")
-        early = [i for i, (b, _, _) in enumerate(up) if 2 <= b <= cpt_steps // 4]
+        early = [i for i, (b, _, _) in enumerate(up) if b in early_batches(cpt_steps)]
         early = early or [0]  # a very short run may hold no evaluation in that window
         out[run.label] = {
             "upstream_start": up[0][2],
@@ -129,6 +134,7 @@ def summarize(runs: list[Run], cpt_steps: int = CPT_STEPS) -> dict[str, dict[str
 def write_report(work: str, runs: list[Run], summary: dict, steps: tuple[int, int]) -> str:
     """``cpt report``'s figures and tables, then the paper's claims checked on the measured numbers."""
     path = report.report(runs, work, "upstream", "downstream")
+    early = early_batches(steps[1])
     lines = [
         "",
         "## The paper's claims at toy scale",
@@ -136,7 +142,8 @@ def write_report(work: str, runs: list[Run], summary: dict, steps: tuple[int, in
         f"Pre-trained {steps[0]} steps on upstream (max LR {MAX_LR:g}, cosine to 0.1x), then {steps[1]} "
         "steps on downstream under each schedule.",
         "",
-        f"Loss at the start, its highest in batches 2-{steps[1] // 4} (batches 0 and 1 train at LR 0), and at the end:",
+        f"Loss at the start, its highest in batches {early.start}-{early.stop - 1} (batches 0 and 1 train at LR 0), "
+        "and at the end:",
         "",
         "| run | upstream start | upstream peak | upstream end | downstream start | downstream peak | downstream end "
         "| forgetting | adaptation |",

@@ -9,6 +9,7 @@ second old (one being created is not mapped yet).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 SHM = "/dev/shm"
 
 
+@functools.cache
 def _pattern() -> re.Pattern:
     from streaming.base.constant import SHM_TO_CLEAN
 
@@ -45,17 +47,17 @@ def mapped() -> set[str]:
     return names
 
 
-def clean_stale(shm: str = SHM, min_age_s: float = 1.0) -> list[str]:
-    """Unlink streaming's segments in ``shm`` that no process maps; returns their names."""
+def clean_stale(min_age_s: float = 1.0) -> list[str]:
+    """Unlink streaming's segments that no process maps; returns their names."""
     try:
-        names = [n for n in os.listdir(shm) if _pattern().fullmatch(n)]
+        names = [n for n in os.listdir(SHM) if is_streaming_segment(n)]
     except FileNotFoundError:
         return []
     if not names:
         return []
     live, now, removed = mapped(), time.time(), []
     for name in sorted(set(names) - live):
-        path = os.path.join(shm, name)
+        path = os.path.join(SHM, name)
         try:
             if now - os.stat(path).st_mtime < min_age_s:
                 continue
