@@ -81,7 +81,7 @@ class Launcher:
 def final_state(folder: str, batch: int, tmp: Path) -> dict:
     import torch
 
-    from cpt import storage
+    from cpt.io import storage
 
     local = tmp / f"final-{abs(hash(folder))}.pt"
     storage.download_file(storage.join(folder, f"ep0-ba{batch}-rank0.pt"), str(local))
@@ -110,8 +110,8 @@ def same_end(ref: str, run: str, batch: int, tmp: Path) -> dict[str, bool]:
 
 
 def relaunch_times(launch: Launcher, bucket: str, far: int) -> list[tuple[int, float]]:
-    from cpt import storage
-    from cpt.resume import checkpoints
+    from cpt.io import storage
+    from cpt.run.checkpoints import checkpoints
 
     folder = f"{bucket}/runs/far"
     rc, out, _ = launch.run("far", folder)

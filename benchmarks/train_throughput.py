@@ -5,7 +5,8 @@
 
 - cpt: ``yamls/pythia-410m/cpt.yaml`` with its paths pointed at a local Pythia-410M-shaped folder (random
   weights) and MDS data written by ``cpt.data.convert`` from generated text; the registered ``cpt_cosine``
-  schedule; evaluation off. Runs ``cpt.train.expand`` + llm-foundry's ``train()``, as ``cpt train`` does.
+  schedule; evaluation off. Runs ``Plan.from_config(...).to_foundry()`` + llm-foundry's ``train()``, as
+  ``cpt train`` does.
 - bare: ``composer.Trainer`` with ``HuggingFaceModel(GPTNeoXForCausalLM)`` (SDPA), the same batch, random
   tokens, torch AdamW, the same precision.
 
@@ -87,10 +88,10 @@ def prepare(work: Path, shape: dict) -> None:
 
 
 def run_cpt(work: Path, shape: dict, compile_: bool, device: str) -> dict:
-    from cpt import config as C
-    from cpt.train import expand
+    from cpt import config
+    from cpt.run.plan import Plan
 
-    cfg = C.load(
+    cfg = config.load(
         str(PAPER),
         [
             f"variables.run_name=bench-{'compiled' if compile_ else 'eager'}",
@@ -107,7 +108,6 @@ def run_cpt(work: Path, shape: dict, compile_: bool, device: str) -> dict:
     cfg.cpt.eval.datasets = {}
     cfg.cpt.run_dir = str(work / "runs")
     cfg.save_folder = None
-    cfg.autoresume = False
     if device == "cpu":
         cfg.precision = "fp32"
         cfg.cpt.num_workers = 0
@@ -116,7 +116,7 @@ def run_cpt(work: Path, shape: dict, compile_: bool, device: str) -> dict:
         cfg.compile_config = {}
     from llmfoundry.command_utils import train
 
-    train(expand(cfg, str(PAPER)))
+    train(Plan.from_config(cfg, str(PAPER)).to_foundry())
     rows = [json.loads(line) for line in (work / "runs" / cfg.run_name / "metrics.jsonl").read_text().splitlines()]
     return {"tokens_per_sec": [r["throughput/tokens_per_sec"] for r in rows if "throughput/tokens_per_sec" in r][-1]}
 

@@ -6,27 +6,31 @@ import argparse
 import os
 import sys
 
-from cpt import config as C
+from cpt import config
+from cpt.io.storage import StorageError
 
 
 def _schedule(args: argparse.Namespace) -> int:
-    from cpt.optim import preview as P
+    from cpt.io.storage import local_only
+    from cpt.optim.preview import describe, preview, write_csv, write_png
 
+    for flag in ("csv", "png"):
+        if getattr(args, flag):
+            local_only(getattr(args, flag), f"--{flag}")
     paths = [args.config, *(args.compare or [])]
     previews = []
     for i, path in enumerate(paths):
         overrides = args.overrides if i == 0 else []
-        cfg = C.load(path, overrides)
-        C.check(cfg, path)
+        checked = config.check(config.load(path, overrides), path)
         label = " ".join([os.path.splitext(os.path.basename(path))[0], *overrides])
-        previews.append(P.preview(cfg, label, path))
+        previews.append(preview(checked, label))
     for p in previews:
-        print(P.describe(p))
+        print(describe(p))
     if args.csv:
-        P.write_csv(previews, args.csv)
+        write_csv(previews, args.csv)
         print(f"wrote {args.csv}")
     if args.png:
-        P.write_png(previews, args.png)
+        write_png(previews, args.png)
         print(f"wrote {args.png}")
     return 0
 
@@ -44,21 +48,26 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _quickstart(args: argparse.Namespace) -> int:
-    from cpt.quickstart import quickstart
+    from cpt.io.storage import local_only
+    from cpt.tools.quickstart import quickstart
 
-    quickstart(args.out, args.s3)
+    quickstart(local_only(args.out, "--out"), args.s3)
     return 0
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from cpt.sweep import sweep
+    from cpt.io.storage import local_only
+    from cpt.tools.sweep import sweep
 
+    for flag in ("out", "png"):
+        if getattr(args, flag):
+            local_only(getattr(args, flag), f"--{flag}")
     sweep(args.group, args.out, args.gpus, args.dry_run, args.png)
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
-    from cpt import report
+    from cpt.tools import report
 
     runs = [report.load(r) for r in args.runs]
     print(f"wrote {report.report(runs, args.out, args.upstream, args.downstream)}")
@@ -66,7 +75,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from cpt.export import export
+    from cpt.tools.export import export
 
     print(f"wrote {export(args.checkpoint, args.out)}")
     return 0
@@ -127,14 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="figures and a summary from runs' metrics.jsonl (local or s3://)")
     p.add_argument("runs", nargs="+", help="run folders holding metrics.jsonl (runs/<name> or an s3:// save folder)")
-    p.add_argument("--out", default="report", help="output folder (default: ./report)")
+    p.add_argument("--out", default="report", help="output folder, local or s3:// (default: ./report)")
     p.add_argument("--upstream", help="upstream dataset name (default: pile, or upstream)")
     p.add_argument("--downstream", help="downstream dataset name (default: slimpajama, or downstream)")
     p.set_defaults(fn=_report)
 
     p = sub.add_parser("export", help="a Composer checkpoint (local or s3://) -> a Hugging Face GPT-NeoX folder")
     p.add_argument("checkpoint")
-    p.add_argument("out")
+    p.add_argument("out", help="the Hugging Face folder to write, local or s3://")
     p.set_defaults(fn=_export)
     return parser
 
@@ -143,8 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except C.ConfigError as exc:
+    except config.ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except StorageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
 
 

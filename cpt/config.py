@@ -1,21 +1,34 @@
-"""The train YAML: llm-foundry's keys plus one strict ``cpt:`` section, expanded into llm-foundry's config.
+"""The train YAML: llm-foundry's keys plus one strict ``cpt:`` section, checked into a ``Checked`` config.
 
 A train YAML is what ``cpt train``, ``composer -m cpt.train``, ``cpt schedule`` and ``cpt sweep`` all read,
 with the same ``key=value`` overrides (OmegaConf dot-list, as llm-foundry's own train script takes).
-``cpt`` owns ``model``, ``tokenizer``, ``train_loader`` and ``eval_loaders``: it builds them from the
-``cpt:`` section. Every other top-level key must be one of llm-foundry's ``TrainConfig`` fields.
+``cpt`` owns ``model``, ``tokenizer``, ``train_loader``, ``eval_loaders`` and the checkpoint keys (names,
+resume, trimming): it builds them from the ``cpt:`` section. Every other top-level key must be one of
+llm-foundry's ``TrainConfig`` fields. ``check`` is everything that needs no data, model or bucket; the run
+plan (``cpt.run.plan``) adds what does.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, get_args, get_origin, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
 
-OWNED = ("model", "tokenizer", "train_loader", "eval_loader", "eval_loaders", "save_num_checkpoints_to_keep")
+from cpt.optim import schedules
+
+OWNED = ("model", "tokenizer", "train_loader", "eval_loader", "eval_loaders")
+REFUSED = {  # llm-foundry keys that cpt decides itself, and why
+    "save_filename": "save_filename is cpt's (cpt.run.checkpoints names checkpoints, so that resume, upload and "
+    "pruning find them)",
+    "save_num_checkpoints_to_keep": "save_num_checkpoints_to_keep is cpt's: set cpt.keep_checkpoints",
+    "autoresume": "autoresume is cpt's: a run resumes from save_folder by itself whenever it holds a checkpoint",
+    "load_path": "load_path restores an optimizer and an old LR; a CPT run loads the base weights from cpt.model, "
+    "and resumes from save_folder by itself",
+}
 
 
 class ConfigError(ValueError):
@@ -65,12 +78,39 @@ class Cpt:
     log_samples: bool = False  # <run_dir>/<run>/samples-rank<r>.jsonl: a digest of every sample trained
 
 
+@dataclass(frozen=True)
+class Checked:
+    """A train YAML checked without touching data, models or buckets: what every command agrees on."""
+
+    cfg: DictConfig  # the resolved YAML, as written (cpt: included)
+    path: str
+    section: Cpt
+    run_name: str
+    seq_len: int
+    global_batch: int
+    lr: float
+    scheduler: schedules.Schedule
+    clock: schedules.Clock
+    save_folder: str | None
+    sharded: bool  # fsdp_config.state_dict_type: sharded
+
+    @property
+    def total_batches(self) -> int:
+        return math.ceil(self.clock.batches(self.clock.max_duration, "max_duration"))
+
+    @property
+    def warmup_end(self) -> int:
+        """The first batch after the warmup (0 when the schedule has none)."""
+        phases = self.scheduler.phases(self.clock)
+        return math.ceil(phases[1][1]) if len(phases) > 1 else 0
+
+
 def _coerce(tp, value, where: str):
     origin = get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return build(tp, value, where)
+        return from_mapping(tp, value, where)
     if origin is dict:
         _, vt = get_args(tp)
         if not isinstance(value, dict):
@@ -88,7 +128,7 @@ def _coerce(tp, value, where: str):
     return value
 
 
-def build(cls, data: dict, where: str):
+def from_mapping(cls, data: dict, where: str):
     """A dataclass from a mapping; unknown and missing keys are errors that name the key."""
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -128,7 +168,7 @@ def cpt_section(cfg: DictConfig, path: str = "config") -> Cpt:
     if "cpt" not in cfg:
         raise ConfigError(f"{path}: missing the cpt: section")
     try:
-        return build(Cpt, OmegaConf.to_container(cfg.cpt), "cpt")
+        return from_mapping(Cpt, OmegaConf.to_container(cfg.cpt), "cpt")
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
 
@@ -143,6 +183,8 @@ def check_top_level(cfg: DictConfig, path: str = "config") -> None:
             continue
         if key in OWNED:
             raise ConfigError(f"{path}: key {key!r} is built by cpt from the cpt: section; remove it")
+        if key in REFUSED and cfg[key] not in (None, False):
+            raise ConfigError(f"{path}: {REFUSED[key]}; remove {key!r}")
         if key not in known:
             raise ConfigError(f"{path}: unknown key {key!r} (not a cpt or llm-foundry TrainConfig key)")
 
@@ -153,21 +195,21 @@ def require(cfg: DictConfig, key: str, path: str = "config") -> Any:
     return cfg[key]
 
 
-def check(cfg: DictConfig, path: str = "config") -> Cpt:
-    """Everything that can be checked without touching data or models: keys, types, schedule, batch sizes."""
-    from cpt.optim.preview import scheduler_from_config
-
+def check(cfg: DictConfig, path: str = "config") -> Checked:
+    """Everything that can be checked without touching data, models or buckets: keys, types, schedule, batches."""
     check_top_level(cfg, path)
     section = cpt_section(cfg, path)
     for key in ("max_seq_len", "global_train_batch_size", "max_duration", "optimizer", "scheduler"):
         require(cfg, key, path)
+    run_name = str(require(cfg, "run_name", path))
     if not section.train:
         raise ConfigError(f"{path}: cpt.train names no source")
     for name, src in section.train.items():
         if src.proportion <= 0:
             raise ConfigError(f"{path}: cpt.train.{name}.proportion must be positive, got {src.proportion}")
-    if section.eval.tokens_per_domain is not None and section.eval.tokens_per_domain < int(cfg.max_seq_len):
-        raise ConfigError(f"{path}: cpt.eval.tokens_per_domain must be at least max_seq_len ({cfg.max_seq_len})")
+    seq_len, glob = int(cfg.max_seq_len), int(cfg.global_train_batch_size)
+    if section.eval.tokens_per_domain is not None and section.eval.tokens_per_domain < seq_len:
+        raise ConfigError(f"{path}: cpt.eval.tokens_per_domain must be at least max_seq_len ({seq_len})")
     for name, ds in section.eval.datasets.items():
         for blend, weights in ds.blends.items():
             if not weights or any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
@@ -179,11 +221,42 @@ def check(cfg: DictConfig, path: str = "config") -> Cpt:
             f"{path}: device_train_microbatch_size must be an integer ('auto' breaks FSDP on "
             f"torch >= 2.7.1), got {micro!r}"
         )
-    glob = int(cfg.global_train_batch_size)
     if micro is not None and glob % (world * int(micro)):
         raise ConfigError(
             f"{path}: global_train_batch_size={glob} is not divisible by world size {world} x "
             f"device_train_microbatch_size {micro}"
         )
-    scheduler_from_config(cfg, path)
-    return section
+    fsdp = cfg.get("fsdp_config") or {}
+    if fsdp.get("sharded_ckpt_prefix_dir") is not None:
+        raise ConfigError(
+            f"{path}: fsdp_config.sharded_ckpt_prefix_dir is cpt's (cpt.run.checkpoints names checkpoints); remove it"
+        )
+    scheduler, clock = _scheduler(cfg, glob * seq_len, path)
+    save_folder = cfg.get("save_folder")
+    return Checked(
+        cfg=cfg,
+        path=path,
+        section=section,
+        run_name=run_name,
+        seq_len=seq_len,
+        global_batch=glob,
+        lr=float(require(cfg, "optimizer", path).get("lr", 0.0)),
+        scheduler=scheduler,
+        clock=clock,
+        save_folder=str(save_folder) if save_folder else None,
+        sharded=fsdp.get("state_dict_type") == "sharded",
+    )
+
+
+def _scheduler(cfg: DictConfig, tokens_per_batch: int, path: str) -> tuple[schedules.Schedule, schedules.Clock]:
+    """The scheduler the YAML asks for, with ``tokens_per_batch`` filled in, checked against the run's length."""
+    spec = dict(require(cfg, "scheduler", path))
+    name = spec.pop("name", None)
+    spec.setdefault("tokens_per_batch", tokens_per_batch)
+    try:
+        scheduler = schedules.make_scheduler(name, **spec)
+        clock = schedules.Clock(str(require(cfg, "max_duration", path)), tokens_per_batch)
+        scheduler.resolve(clock)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: scheduler: {exc}") from exc
+    return scheduler, clock

@@ -3,43 +3,29 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import os
-import shutil
 
-from cpt import storage
-from cpt.cache import cache_dir, locked
+from cpt.io import storage
+from cpt.io.cache import mirror
 
 log = logging.getLogger(__name__)
 
 
 def resolve_folder(spec: str) -> str:
-    """A local folder holding ``config.json``; ``s3://`` folders are downloaded once into the cache.
+    """A local folder holding ``config.json``; an ``s3://`` folder is copied into the cache, and copied again
+    when its objects changed (``cpt.io.cache.mirror``)."""
 
-    Safe when several ranks start at once: one downloads under a file lock, the others wait and reuse it.
-    """
+    def has_config(keys: list[str]) -> None:
+        if "config.json" not in keys:
+            raise FileNotFoundError(f"cpt.model: {spec} holds no config.json (found {len(keys)} objects)")
+
     if not storage.is_s3(spec):
         if not os.path.isfile(os.path.join(spec, "config.json")):
             raise FileNotFoundError(f"cpt.model: {spec} is not a Hugging Face model folder (no config.json)")
         return spec
-    local = cache_dir("models", hashlib.sha256(spec.rstrip("/").encode()).hexdigest()[:16])
-    done = os.path.join(local, ".complete")
-    with locked(local):
-        if not os.path.isfile(done):
-            keys = [k for k in storage.list_prefix(spec) if not k.endswith("/")]
-            if "config.json" not in keys:
-                raise FileNotFoundError(f"cpt.model: {spec} holds no config.json (found {len(keys)} objects)")
-            tmp = os.path.join(local, "files.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            for key in keys:
-                storage.download_file(storage.join(spec, key), os.path.join(tmp, key))
-            shutil.rmtree(os.path.join(local, "files"), ignore_errors=True)
-            os.replace(tmp, os.path.join(local, "files"))
-            open(done, "w").close()
-            log.info("downloaded %s (%d files) into %s", spec, len(keys), local)
-    return os.path.join(local, "files")
+    return mirror(spec, "models", has_config)
 
 
 def read_config(folder: str) -> dict:

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cpt import storage
 from cpt.data import manifest as mf
 from cpt.data import synthetic
 from cpt.data.convert import DOMAIN_KEYS, convert
 from cpt.data.sources import InputError
+from cpt.io import storage
 
 ROOT = Path(__file__).resolve().parents[1]
 SP_KEY = DOMAIN_KEYS["slimpajama"]

@@ -16,7 +16,7 @@ print("PATH", resolve_folder(sys.argv[1]), flush=True)
 
 
 def test_concurrent_ranks_download_a_model_folder_once(tiny_pythia, s3_bucket, tmp_path):
-    from cpt import storage
+    from cpt.io import storage
 
     url = f"{s3_bucket}/pythia/step143000"
     for f in sorted(Path(tiny_pythia).iterdir()):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cpt import config as C
+from cpt import config
 from cpt.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,15 +22,15 @@ YAMLS = sorted((ROOT / "yamls").rglob("*.yaml"))
 def test_every_yaml_validates(path, tmp_path):
     from omegaconf import OmegaConf
 
-    from cpt.sweep import load_group
+    from cpt.tools.sweep import load_group
 
     if "base" in OmegaConf.load(path):  # a sweep group (yamls/paper/): every run in it
         runs = load_group(str(path), str(tmp_path))
         assert runs
         for run in runs:
-            C.check(run.cfg, f"{path}: runs.{run.name}")
+            config.check(run.cfg, f"{path}: runs.{run.name}")
     else:
-        C.check(C.load(str(path)), str(path))
+        config.check(config.load(str(path)), str(path))
 
 
 def test_paper_schedule_boundaries(tmp_path, capsys):
@@ -100,8 +100,8 @@ def test_token_durations_from_yaml(capsys):
 def test_bad_configs_name_the_key(overrides, message, capsys):
     assert main(["schedule", str(PAPER), *overrides]) == 2
     assert message.split(":")[0].strip("'") in capsys.readouterr().err
-    with pytest.raises(C.ConfigError, match=message):
-        C.check(C.load(str(PAPER), overrides), str(PAPER))
+    with pytest.raises(config.ConfigError, match=message):
+        config.check(config.load(str(PAPER), overrides), str(PAPER))
 
 
 def test_cli_entry_point_help():

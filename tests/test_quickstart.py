@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from cpt.quickstart import checks, quickstart
+from cpt.tools.quickstart import checks, quickstart
 
 
 def test_quickstart_reproduces_the_papers_directions(tmp_path):
@@ -57,7 +57,7 @@ def test_quickstart_on_s3(tmp_path, s3_bucket):
     """``cpt quickstart --s3``: data, checkpoints and metrics on the S3 endpoint (shortened to a few steps)."""
     import math
 
-    from cpt import storage
+    from cpt.io import storage
 
     s = quickstart(str(tmp_path / "qs"), s3=f"{s3_bucket}/qs", pretrain_steps=12, cpt_steps=8)
     assert set(s) == {"constant", "rewarm-1x", "rewarm-2x"}
@@ -84,8 +84,8 @@ def test_export_of_a_sharded_checkpoint_on_s3(tmp_path, s3_bucket):
     from composer.utils import reproducibility
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cpt import storage
     from cpt.cli import main
+    from cpt.io import storage
     from cpt.model import save_tiny_pythia
 
     src = save_tiny_pythia(str(tmp_path / "src"), seed=4)

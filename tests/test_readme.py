@@ -50,9 +50,9 @@ def test_every_readme_command_is_handled():
 def test_readme_workflow(tmp_path, s3_bucket):
     import zstandard
 
-    from cpt import storage
     from cpt.data import synthetic
     from cpt.data.convert import DOMAIN_KEYS, convert
+    from cpt.io import storage
     from cpt.model import save_tiny_pythia
 
     bucket = s3_bucket
@@ -112,13 +112,13 @@ def test_readme_workflow(tmp_path, s3_bucket):
         if argv[0] == "python":
             run([sys.executable, *argv[1:]], tmp_path)
         elif argv[0] == "composer":  # -n 8 needs 8 GPUs: expand the same config as 8 ranks would, and stop there
-            from cpt import config as C
-            from cpt.train import expand
+            from cpt import config
+            from cpt.run.plan import Plan
 
             i = argv.index("-m") + 2
             os.environ["WORLD_SIZE"] = "8"
             try:
-                out = expand(C.load(argv[i], argv[i + 1 :]), argv[i])
+                out = Plan.from_config(config.load(argv[i], argv[i + 1 :]), argv[i]).to_foundry()
             finally:
                 del os.environ["WORLD_SIZE"]
             assert out.model.pretrained and "load_path" not in out  # base weights only: a new stage

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import math
 
-from cpt import report, storage
 from cpt.cli import main
+from cpt.io import storage
+from cpt.tools import report
 
 
 def rows(batches, up, down, lr):

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cpt import faults, samples, storage
-from cpt.resume import checkpoints, find_resume, intact, prune
+from cpt.io import storage
+from cpt.run import faults, samples
+from cpt.run.checkpoints import checkpoints, find_resume, intact, prune
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "yamls" / "tiny-cpu.yaml"
@@ -364,13 +365,13 @@ def test_a_checkpoint_cut_mid_write_in_a_local_folder_is_skipped(setup, referenc
 
 OWNER = """
 import multiprocessing, os, signal, sys, time
-from cpt import orphans
+from cpt.run import cleanup
 
 def helper():
     time.sleep(600)
 
 if __name__ == "__main__":
-    orphans.mark(sys.argv[1])
+    cleanup.mark(sys.argv[1])
     child = multiprocessing.get_context("spawn").Process(target=helper, daemon=True)  # as Composer's uploader
     child.start()
     print(child.pid, flush=True)
@@ -387,7 +388,7 @@ def running(pid: int) -> bool:
 
 
 def test_a_killed_launchs_spawned_helpers_are_stopped(tmp_path):
-    from cpt import orphans
+    from cpt.run import cleanup
 
     script = tmp_path / "owner.py"
     script.write_text(OWNER)
@@ -395,13 +396,13 @@ def test_a_killed_launchs_spawned_helpers_are_stopped(tmp_path):
     owner = subprocess.Popen([sys.executable, str(script), folder], stdout=subprocess.PIPE, text=True)
     helper = int(owner.stdout.readline())
     try:
-        assert orphans.reap(folder) == [] and running(helper)  # its launch is alive: left alone
+        assert cleanup.reap(folder) == [] and running(helper)  # its launch is alive: left alone
         owner.kill()  # SIGKILL: the spawned helper outlives it
         owner.wait()
         time.sleep(0.5)
         assert running(helper)
-        assert orphans.reap("s3://bucket/runs/another") == [] and running(helper)
-        stopped = orphans.reap(folder)  # the helper, and multiprocessing's resource tracker
+        assert cleanup.reap("s3://bucket/runs/another") == [] and running(helper)
+        stopped = cleanup.reap(folder)  # the helper, and multiprocessing's resource tracker
         assert helper in stopped and len(stopped) <= 2
         wait_for(lambda: not running(helper), "the helper to stop", timeout=10, every=0.05)
     finally:
@@ -434,10 +435,10 @@ def test_a_second_run_on_the_host_leaves_the_first_runs_shared_memory_alone(setu
 
 
 def test_only_unmapped_streaming_segments_are_stale(tmp_path):
-    """``shm.clean_stale``: a segment that a live process maps stays, as do fresh ones and other files."""
+    """``cleanup.clean_stale``: a segment that a live process maps stays, as do fresh ones and other files."""
     from multiprocessing import shared_memory
 
-    from cpt import shm
+    from cpt.run import cleanup
 
     base = 900000 + os.getpid() % 90000
     held = shared_memory.SharedMemory(f"{base:06}_locals", create=True, size=64)  # mapped by this process
@@ -450,7 +451,7 @@ def test_only_unmapped_streaming_segments_are_stale(tmp_path):
         old = time.time() - 60
         for name in (stale.name, other.name):
             os.utime(f"/dev/shm/{name}", (old, old))
-        removed = shm.clean_stale()
+        removed = cleanup.clean_stale()
         assert stale.name in removed and not os.path.exists(f"/dev/shm/{stale.name}")
         for name in (held.name, fresh.name, other.name):
             assert os.path.exists(f"/dev/shm/{name}") and name not in removed, name

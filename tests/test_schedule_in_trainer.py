@@ -8,7 +8,7 @@ from composer import Callback, Event, Trainer
 from composer.models import ComposerClassifier
 from torch.utils.data import DataLoader, TensorDataset
 
-from cpt.optim import schedules as S
+from cpt.optim import schedules
 
 LR = 0.01
 BATCH, SEQ = 4, 8  # tokens_per_batch is BATCH x SEQ for these tests
@@ -63,21 +63,21 @@ def make_trainer(scheduler, max_duration, **kwargs):
 @pytest.mark.parametrize(
     "scheduler",
     [
-        S.CosineScheduler(t_warmup="4ba", t_max="1dur", alpha_f=0.1),
-        S.CosineScheduler(t_warmup="128tok", t_max="1dur", alpha_f=0.1, tokens_per_batch=BATCH * SEQ),
-        S.InfiniteScheduler(t_warmup="3ba", t_cooldown="5ba", alpha_const=0.5, t_anneal="14ba", t_max="1dur"),
-        S.WSDScheduler(t_warmup="2ba", t_decay="0.25dur", decay="1-sqrt"),
+        schedules.CosineScheduler(t_warmup="4ba", t_max="1dur", alpha_f=0.1),
+        schedules.CosineScheduler(t_warmup="128tok", t_max="1dur", alpha_f=0.1, tokens_per_batch=BATCH * SEQ),
+        schedules.InfiniteScheduler(t_warmup="3ba", t_cooldown="5ba", alpha_const=0.5, t_anneal="14ba", t_max="1dur"),
+        schedules.WSDScheduler(t_warmup="2ba", t_decay="0.25dur", decay="1-sqrt"),
     ],
     ids=["cosine-ba", "cosine-tok", "infinite", "wsd"],
 )
 def test_batch_n_trains_at_multiplier_n(scheduler):
     trainer, rec = make_trainer(scheduler, "20ba")
     trainer.fit()
-    clock = S.Clock("20ba", BATCH * SEQ)
+    clock = schedules.Clock("20ba", BATCH * SEQ)
     assert sorted(rec.lrs) == list(range(20))
     for n, lr in rec.lrs.items():
         assert lr == pytest.approx(LR * scheduler.multiplier(n, clock), abs=1e-12), n
-    if isinstance(scheduler, S.CosineScheduler):
+    if isinstance(scheduler, schedules.CosineScheduler):
         # spelled out: batch 0 trains at exactly 0, batch 1 at a quarter of the peak, batch 4 at the peak
         assert (rec.lrs[0], rec.lrs[1], rec.lrs[4]) == (0.0, pytest.approx(LR / 4), pytest.approx(LR))
 
@@ -92,7 +92,7 @@ def test_composer_builtin_lags_by_one_batch():
 
 
 def test_resumed_run_has_identical_lr_sequence(tmp_path):
-    sched = lambda: S.CosineScheduler(t_warmup="3ba", t_max="1dur", alpha_f=0.1)  # noqa: E731
+    sched = lambda: schedules.CosineScheduler(t_warmup="3ba", t_max="1dur", alpha_f=0.1)  # noqa: E731
     full, rec_full = make_trainer(sched(), "16ba")
     full.fit()
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from cpt.optim import schedules as S
+from cpt.optim import schedules
 
 PI = math.pi
 
@@ -30,14 +30,14 @@ COSINE = [
 
 @pytest.mark.parametrize("t,expected", COSINE)
 def test_cosine_table(t, expected):
-    assert S.cosine_multiplier(t, 10, 110, 0.0, 0.1) == pytest.approx(expected, abs=1e-12)
+    assert schedules.cosine_multiplier(t, 10, 110, 0.0, 0.1) == pytest.approx(expected, abs=1e-12)
 
 
 def test_cosine_alpha_i_and_no_warmup():
-    assert S.cosine_multiplier(0, 10, 110, alpha_i=0.5, alpha_f=0.1) == 0.5
-    assert S.cosine_multiplier(5, 10, 110, alpha_i=0.5, alpha_f=0.1) == pytest.approx(0.75)
-    assert S.cosine_multiplier(0, 0, 100, alpha_f=0.1) == 1.0
-    assert S.cosine_multiplier(50, 0, 100, alpha_f=0.0) == pytest.approx(0.5)
+    assert schedules.cosine_multiplier(0, 10, 110, alpha_i=0.5, alpha_f=0.1) == 0.5
+    assert schedules.cosine_multiplier(5, 10, 110, alpha_i=0.5, alpha_f=0.1) == pytest.approx(0.75)
+    assert schedules.cosine_multiplier(0, 0, 100, alpha_f=0.1) == 1.0
+    assert schedules.cosine_multiplier(50, 0, 100, alpha_f=0.0) == pytest.approx(0.5)
 
 
 def test_legacy_neox_goes_flat_near_105_7k():
@@ -45,18 +45,18 @@ def test_legacy_neox_goes_flat_near_105_7k():
     # 0.5 (1 + cos(pi x)) = 0.1  <=>  x = arccos(-0.8) / pi; x is measured over the whole of t_max
     floor_step = warm + math.acos(-0.8) / PI * total
     assert 105_700 < floor_step < 105_730
-    m = lambda t: S.cosine_multiplier(t, warm, total, 0.0, 0.1, legacy_neox=True)  # noqa: E731
+    m = lambda t: schedules.cosine_multiplier(t, warm, total, 0.0, 0.1, legacy_neox=True)  # noqa: E731
     assert m(warm) == pytest.approx(1.0)
     assert m(floor_step - 200) > 0.1 + 1e-4
     assert m(floor_step + 1) == 0.1
     assert m(120_000) == 0.1 and m(200_000) == 0.1
     # the standard cosine is still above the floor there
-    assert S.cosine_multiplier(floor_step, warm, total, 0.0, 0.1) > 0.1 + 0.01
+    assert schedules.cosine_multiplier(floor_step, warm, total, 0.0, 0.1) > 0.1 + 0.01
 
 
 @pytest.mark.parametrize("t,warm,expected", [(0, 0, 1.0), (0, 4, 0.0), (3, 4, 0.75), (4, 4, 1.0), (10**6, 4, 1.0)])
 def test_constant_table(t, warm, expected):
-    assert S.constant_multiplier(t, warm) == pytest.approx(expected)
+    assert schedules.constant_multiplier(t, warm) == pytest.approx(expected)
 
 
 def h(x, a=10.0):
@@ -83,14 +83,14 @@ INFINITE = [
 
 @pytest.mark.parametrize("t,cooldown,anneal,expected", INFINITE)
 def test_infinite_table(t, cooldown, anneal, expected):
-    got = S.infinite_multiplier(t, 10, 40, 0.5, 100, 200, 0.05, cooldown=cooldown, anneal=anneal)
+    got = schedules.infinite_multiplier(t, 10, 40, 0.5, 100, 200, 0.05, cooldown=cooldown, anneal=anneal)
     assert got == pytest.approx(expected, abs=1e-12)
 
 
 def test_infinite_without_anneal_stays_constant_and_continues_without_rewarming():
-    assert S.infinite_multiplier(10**9, 10, 40, 0.5) == 0.5
+    assert schedules.infinite_multiplier(10**9, 10, 40, 0.5) == 0.5
     # a later task continues the constant phase: no warmup, no cooldown
-    assert S.infinite_multiplier(0, 0, 0, 0.5) == 0.5
+    assert schedules.infinite_multiplier(0, 0, 0, 0.5) == 0.5
 
 
 # t_warmup=10, t_decay=20, t_max=100 (decay starts at 80), alpha_f=0.0
@@ -109,7 +109,7 @@ WSD = [
 
 @pytest.mark.parametrize("t,decay,expected", WSD)
 def test_wsd_table(t, decay, expected):
-    assert S.wsd_multiplier(t, 10, 20, 100, 0.0, decay=decay) == pytest.approx(expected, abs=1e-12)
+    assert schedules.wsd_multiplier(t, 10, 20, 100, 0.0, decay=decay) == pytest.approx(expected, abs=1e-12)
 
 
 # ---- units ----------------------------------------------------------------------------------------
@@ -132,7 +132,7 @@ TPB = 1000  # tokens per batch
     ],
 )
 def test_units_that_work(value, max_duration, tpb, expected):
-    assert S.Clock(max_duration, tpb).batches(value, "t_warmup") == pytest.approx(expected)
+    assert schedules.Clock(max_duration, tpb).batches(value, "t_warmup") == pytest.approx(expected)
 
 
 @pytest.mark.parametrize(
@@ -151,7 +151,7 @@ def test_units_that_work(value, max_duration, tpb, expected):
 )
 def test_units_that_raise(value, max_duration, tpb, match):
     with pytest.raises(ValueError, match=match.replace("(", r"\(").replace("[", r"\[")):
-        S.Clock(max_duration, tpb).batches(value, "t_warmup")
+        schedules.Clock(max_duration, tpb).batches(value, "t_warmup")
 
 
 def test_every_unit_combination_for_cosine():
@@ -161,9 +161,9 @@ def test_every_unit_combination_for_cosine():
         for mu, (_, m) in values.items():
             for max_duration in ("100ba", "100000tok"):
                 for tpb in (None, TPB):
-                    sched = S.CosineScheduler(t_warmup=w, t_max=m, tokens_per_batch=tpb)
+                    sched = schedules.CosineScheduler(t_warmup=w, t_max=m, tokens_per_batch=tpb)
                     needs_tpb = "tok" in (wu, mu) or ("dur" in (wu, mu) and max_duration.endswith("tok"))
-                    clock = S.Clock(max_duration, tpb)
+                    clock = schedules.Clock(max_duration, tpb)
                     if needs_tpb and tpb is None:
                         with pytest.raises(ValueError, match="tokens_per_batch"):
                             sched.multiplier(0, clock)
@@ -205,11 +205,11 @@ def test_every_unit_combination_for_cosine():
 )
 def test_impossible_parameters_name_the_parameter(name, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        S.build(name, **kwargs).resolve(S.Clock("1000ba"))
+        schedules.make_scheduler(name, **kwargs).resolve(schedules.Clock("1000ba"))
 
 
 def test_registered_with_llmfoundry():
     from llmfoundry import registry
 
-    for name, cls in S.SCHEDULERS.items():
+    for name, cls in schedules.SCHEDULERS.items():
         assert registry.schedulers.get(name) is cls

@@ -6,11 +6,11 @@ import time
 
 import pytest
 
-from cpt import storage
+from cpt.io import storage
 
 
 def test_an_outage_shorter_than_the_limit_is_ridden_out(moto, s3_bucket, tmp_path, caplog, monkeypatch):
-    monkeypatch.setenv(storage.RETRY_ENV, "60")
+    monkeypatch.setattr(storage, "_retry_s", 60.0)
     url = f"{s3_bucket}/a/blob.bin"
     payload = bytes(range(256)) * 4096
     storage.write_bytes(url, payload)
@@ -27,7 +27,7 @@ def test_an_outage_shorter_than_the_limit_is_ridden_out(moto, s3_bucket, tmp_pat
 
 
 def test_an_outage_longer_than_the_limit_fails_clearly(moto, s3_bucket, tmp_path, monkeypatch):
-    monkeypatch.setenv(storage.RETRY_ENV, "2")
+    monkeypatch.setattr(storage, "_retry_s", 2.0)
     src = tmp_path / "ckpt.pt"
     src.write_bytes(b"x" * 1000)
     storage.upload_file(str(src), f"{s3_bucket}/run/good.pt")
@@ -103,7 +103,7 @@ def test_an_upload_cut_mid_transfer_is_sent_again_whole(cutting_proxy, s3_bucket
 
 
 def test_a_connection_that_keeps_dropping_fails_naming_the_object_and_byte(cutting_proxy, s3_bucket, monkeypatch):
-    monkeypatch.setenv(storage.RETRY_ENV, "2")
+    monkeypatch.setattr(storage, "_retry_s", 2.0)
     url = f"{s3_bucket}/big.bin"
     storage.write_bytes(url, _payload(4 << 20))
     cutting_proxy.cut("down", 1 << 20)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from cpt import config as C
+from cpt import config
 from cpt.cli import main
-from cpt.sweep import load_group
+from cpt.tools.sweep import load_group
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUPS = {
@@ -33,8 +33,8 @@ def test_group_dry_run(group, count, tmp_path, capsys):
     folders = set()
     for run in runs:
         assert f"{run.name}: composer -n 8 -m cpt.train {tmp_path / (run.name + '.yaml')}" in out
-        written = C.load(run.path)  # the written file is exactly what training will read
-        C.check(written, run.path)
+        written = config.load(run.path)  # the written file is exactly what training will read
+        config.check(written, run.path)
         folders.add(written.save_folder)
         assert written.run_name == f"pythia-410m-cpt-warm1-lr3e-4-{run.name}"
     assert len(folders) == count  # every run has its own save folder
@@ -53,7 +53,7 @@ def test_mapping_overrides_replace_the_subtree(tmp_path):
 def test_bad_group_is_named(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("base: ../nope.yaml\nruns: {a: {optimizer.lr: 1}}\n")
-    with pytest.raises(C.ConfigError, match="base config .*nope.yaml not found"):
+    with pytest.raises(config.ConfigError, match="base config .*nope.yaml not found"):
         load_group(str(bad), str(tmp_path))
     bad.write_text(f"base: {ROOT / 'yamls/pythia-410m/cpt.yaml'}\nruns: {{a: {{scheduler.t_warmup: 5ep}}}}\n")
     assert main(["sweep", str(bad), "--dry-run", "--out", str(tmp_path)]) == 2

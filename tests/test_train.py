@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from cpt import storage
 from cpt.data import synthetic
 from cpt.data.convert import DOMAIN_KEYS, convert
+from cpt.io import storage
 from cpt.model import save_tiny_pythia
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""A bad train config fails in ``expand`` (before any model or Trainer is built), naming the key or path."""
+"""A bad train config fails in the run plan (before any model or Trainer is built), naming the key or path."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from cpt import config as C
-from cpt.train import expand
+from cpt import config
+from cpt.run.plan import Plan
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "yamls" / "tiny-cpu.yaml")
@@ -20,7 +20,7 @@ def tiny(tmp_path_factory, tiny_project):
 
 
 def load(tiny, *overrides):
-    return C.load(
+    return config.load(
         TINY,
         [
             f"variables.data={tiny / 'data'}",
@@ -33,7 +33,7 @@ def load(tiny, *overrides):
 
 
 def test_good_config_expands_for_llmfoundry(tiny):
-    out = expand(load(tiny), TINY)
+    out = Plan.from_config(load(tiny), TINY).to_foundry()
     assert out.model.name == "cpt_pythia" and out.model.pretrained is True
     assert out.model.attn_implementation == "sdpa"
     assert out.tokenizer.kwargs.pad_token == "<|padding|>"  # never EOS: EOS stays in the loss
@@ -58,10 +58,10 @@ def test_good_config_expands_for_llmfoundry(tiny):
     ],
 )
 def test_bad_configs_fail_before_training(tiny, overrides, message):
-    with pytest.raises(C.ConfigError, match=message):
-        expand(load(tiny, *overrides), TINY)
+    with pytest.raises(config.ConfigError, match=message):
+        Plan.from_config(load(tiny, *overrides), TINY)
 
 
 def test_missing_s3_path_is_named(tiny, s3_bucket):
-    with pytest.raises(C.ConfigError, match=f"missing manifest {s3_bucket}/nope/downstream/train/manifest.json"):
-        expand(load(tiny, f"variables.data={s3_bucket}/nope"), TINY)
+    with pytest.raises(config.ConfigError, match=f"missing manifest {s3_bucket}/nope/downstream/train/manifest.json"):
+        Plan.from_config(load(tiny, f"variables.data={s3_bucket}/nope"), TINY)

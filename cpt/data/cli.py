@@ -7,16 +7,16 @@ import logging
 import os
 import sys
 
-from cpt import storage
-from cpt.data import convert as cv
 from cpt.data import sources
+from cpt.data.convert import DOMAIN_KEYS, SPLITS, convert
+from cpt.io import storage
 
 
 def add_arguments(parser: argparse.ArgumentParser, corpus: str | None) -> None:
     if corpus is None:
         parser.add_argument(
             "--corpus",
-            choices=sorted(cv.DOMAIN_KEYS),
+            choices=sorted(DOMAIN_KEYS),
             required=True,
             help="which corpus: sets the JSON key the domain is read from",
         )
@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser, corpus: str | None) -> None:
         required=True,
         help="local folder or s3:// prefix; writes <output>/<split>/<domain>/, index.json, manifest.json",
     )
-    parser.add_argument("--split", choices=cv.SPLITS, required=True, help="which split these inputs are")
+    parser.add_argument("--split", choices=SPLITS, required=True, help="which split these inputs are")
     parser.add_argument(
         "--tokenizer", required=True, help="a tokenizer.json file or a Hugging Face folder holding one, local or s3://"
     )
@@ -56,12 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser, corpus: str | None) -> None:
 def run(args: argparse.Namespace, corpus: str) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        result = cv.convert(
+        result = convert(
             inputs=args.input,
             output=args.output,
             split=args.split,
             tokenizer=args.tokenizer,
-            domain_key=cv.DOMAIN_KEYS[corpus],
+            domain_key=DOMAIN_KEYS[corpus],
             seq_len=args.seq_len,
             workers=args.workers,
             skip_bad_lines=args.skip_bad_lines,
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace, corpus: str) -> int:
 def main(corpus: str, argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=f"convert/{corpus}.py",
-        description=f"Convert {corpus} JSONL into per-domain MDS datasets (domain from {cv.DOMAIN_KEYS[corpus]}).",
+        description=f"Convert {corpus} JSONL into per-domain MDS datasets (domain from {DOMAIN_KEYS[corpus]}).",
     )
     add_arguments(parser, corpus)
     return run(parser.parse_args(argv), corpus)

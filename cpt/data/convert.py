@@ -32,11 +32,13 @@ from multiprocessing import get_context
 
 import numpy as np
 
-from cpt import storage
-from cpt.cache import cache_dir
-from cpt.data import manifest as mf
 from cpt.data import sources
-from cpt.data import tokenizer as tk
+from cpt.data.manifest import COLUMN, DTYPE, DomainStats, Manifest, slugify
+from cpt.data.manifest import write as write_manifest
+from cpt.data.tokenizer import EOS_TOKEN
+from cpt.data.tokenizer import describe as describe_tokenizer
+from cpt.io import storage
+from cpt.io.cache import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ class ConvertResult:
     """What a conversion wrote; tests and callers assert on it."""
 
     split_root: str
-    manifest: mf.Manifest
+    manifest: Manifest
     files_converted: int
     files_reused: int
     seconds: float
@@ -111,8 +113,8 @@ def convert(
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
 
-    info = tk.describe(tokenizer)
-    files = storage.expand(inputs)
+    info = describe_tokenizer(tokenizer)
+    files = storage.match_inputs(inputs)
     for path in files:
         sources.check_suffix(path)
     split_root = storage.join(output, split)
@@ -150,7 +152,7 @@ def convert(
         domains[name].samples, domains[name].tail_tokens_dropped = samples, tail
     _write_merged_index(split_root, [domains[n].slug for n in sorted(domains)])
 
-    manifest = mf.Manifest(
+    manifest = Manifest(
         split=split,
         seq_len=seq_len,
         eos_id=info.eos_id,
@@ -161,20 +163,20 @@ def convert(
         unattributed_skipped=unattributed,
         inputs=[{"path": p, "bytes": n} for p, n in zip(files, sizes)],
     )
-    mf.write(split_root, manifest)
+    write_manifest(split_root, manifest)
     shutil.rmtree(work, ignore_errors=True)
     return ConvertResult(split_root, manifest, len(todo), len(tasks) - len(todo), time.perf_counter() - start)
 
 
-def _gather(tasks: list[_FileTask]) -> tuple[dict[str, mf.DomainStats], dict[str, int]]:
+def _gather(tasks: list[_FileTask]) -> tuple[dict[str, DomainStats], dict[str, int]]:
     """Sum the per-file counts into per-domain stats; check that domain folder names are distinct."""
-    domains: dict[str, mf.DomainStats] = {}
+    domains: dict[str, DomainStats] = {}
     unattributed: dict[str, int] = {}
     for task in tasks:
         with open(os.path.join(task.out_dir, "done.json")) as fh:
             res = _FileResult(**json.load(fh))
         for name, stats in res.domains.items():
-            domains.setdefault(name, mf.DomainStats(slug=mf.slugify(name))).merge(mf.DomainStats(**stats))
+            domains.setdefault(name, DomainStats(slug=slugify(name))).merge(DomainStats(**stats))
         for reason, n in res.unattributed_skipped.items():
             unattributed[reason] = unattributed.get(reason, 0) + n
     slugs: dict[str, str] = {}
@@ -286,12 +288,12 @@ def _tokenize_file(task: _FileTask, threads: int) -> None:
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(task.tokenizer)
-    eos = np.array([tok.token_to_id(tk.EOS_TOKEN)], dtype=np.uint16)
+    eos = np.array([tok.token_to_id(EOS_TOKEN)], dtype=np.uint16)
     tmp = task.out_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     result = _FileResult()
-    stats: dict[str, mf.DomainStats] = {}
+    stats: dict[str, DomainStats] = {}
     handles = {}
     batch: list[tuple[str, str]] = []
     batch_bytes = 0
@@ -306,7 +308,7 @@ def _tokenize_file(task: _FileTask, threads: int) -> None:
             ids = np.asarray(enc.ids, dtype=np.uint16)
             fh = handles.get(domain)
             if fh is None:
-                fh = handles[domain] = open(os.path.join(tmp, f"{mf.slugify(domain)}.bin"), "wb")
+                fh = handles[domain] = open(os.path.join(tmp, f"{slugify(domain)}.bin"), "wb")
             fh.write(ids.tobytes())
             fh.write(eos.tobytes())
             stats[domain].tokens += len(ids) + 1
@@ -326,7 +328,7 @@ def _tokenize_file(task: _FileTask, threads: int) -> None:
     for lineno, raw in sources.iter_lines(task.path):
         domain, text, reason, detail = _parse(task.path, lineno, raw, task.domain_key)
         if domain is not None:
-            stats.setdefault(domain, mf.DomainStats(slug=mf.slugify(domain))).docs_read += 1
+            stats.setdefault(domain, DomainStats(slug=slugify(domain))).docs_read += 1
         if reason is not None:
             bad = reason not in ("empty", "blank_line")
             if bad and not task.skip_bad_lines:
@@ -398,7 +400,7 @@ def _pack_domain(parts: list[str], out: str, seq_len: int, size_limit, compressi
     carry = np.empty(0, dtype=np.uint16)
     with MDSWriter(
         out=target,
-        columns={mf.COLUMN: f"ndarray:{mf.DTYPE}"},
+        columns={COLUMN: f"ndarray:{DTYPE}"},
         compression=compression,
         hashes=["sha1", "xxh64"],
         size_limit=size_limit,
@@ -411,7 +413,7 @@ def _pack_domain(parts: list[str], out: str, seq_len: int, size_limit, compressi
                 chunk = np.concatenate([carry, data[start : start + PACK_CHUNK]])
                 full = len(chunk) // seq_len * seq_len
                 for row in chunk[:full].reshape(-1, seq_len):
-                    writer.write({mf.COLUMN: row})
+                    writer.write({COLUMN: row})
                 samples += full // seq_len
                 carry = chunk[full:].copy()
             del data

@@ -10,7 +10,7 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 
-from cpt import storage
+from cpt.io import storage
 
 FORMAT_VERSION = 1
 COLUMN = "tokens"

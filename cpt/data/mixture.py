@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 
 from cpt.config import ConfigError, Cpt
-from cpt.data import manifest as mf
-from cpt.data import verify
+from cpt.data import manifest, verify
 
 
-def read_manifests(paths: dict[str, str], seq_len: int, where: str) -> dict[str, mf.Manifest]:
+def read_manifests(paths: dict[str, str], seq_len: int, where: str) -> dict[str, manifest.Manifest]:
     """Each split's manifest, checked against the run: same sequence length, same tokenizer everywhere."""
     out = {}
     for name, path in paths.items():
         try:
-            m = mf.read(path)
-        except mf.ManifestError as exc:
+            m = manifest.read(path)
+        except manifest.ManifestError as exc:
             raise ConfigError(f"{where}.{name}: {exc}") from exc
         if m.seq_len != seq_len:
             raise ConfigError(f"{where}.{name}: {path} has samples of {m.seq_len} tokens but max_seq_len is {seq_len}")
@@ -26,12 +23,6 @@ def read_manifests(paths: dict[str, str], seq_len: int, where: str) -> dict[str,
     if len(shas) > 1:
         raise ConfigError(f"{where}: the datasets were tokenized with different tokenizers ({sorted(shas)})")
     return out
-
-
-def fingerprint(section: Cpt, manifests: dict[str, mf.Manifest]) -> str:
-    """Identifies the training data: each source's manifest fingerprint and its share of the mixture."""
-    body = {name: [manifests[name].fingerprint, section.train[name].proportion] for name in sorted(section.train)}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def train_loader(section: Cpt, seq_len: int, cache: str) -> dict:

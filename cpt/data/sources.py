@@ -6,7 +6,7 @@ import gzip
 import io
 from collections.abc import Iterator
 
-from cpt import storage
+from cpt.io import storage
 
 SUFFIXES = (".jsonl", ".jsonl.zst", ".jsonl.gz", ".json", ".json.zst", ".json.gz")
 

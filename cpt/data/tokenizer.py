@@ -7,8 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cpt import storage
-from cpt.cache import cache_dir
+from cpt.io import storage
+from cpt.io.cache import cache_dir
 
 EOS_TOKEN = "<|endoftext|>"
 UINT16_LIMIT = 1 << 16

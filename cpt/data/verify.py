@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from cpt import storage
+from cpt.io import storage
 
 HASH = "xxh64"  # written by the converter next to sha1; training validates downloads with it too
 

@@ -14,13 +14,13 @@ from composer.core import Callback, Event, State
 from composer.loggers import Logger
 
 from cpt.config import ConfigError, Cpt
-from cpt.data import manifest as mf
+from cpt.data.manifest import Manifest
 from cpt.data.mixture import loader_workers, location
 
 CE, PPL = "LanguageCrossEntropy", "LanguagePerplexity"
 
 
-def eval_loaders(section: Cpt, manifests: dict[str, mf.Manifest], seq_len: int, cache: str) -> list[dict]:
+def eval_loaders(section: Cpt, manifests: dict[str, Manifest], seq_len: int, cache: str) -> list[dict]:
     """One llm-foundry ``text`` eval loader per (dataset, domain) with at least one sample."""
     loaders = []
     for name, ds in section.eval.datasets.items():
@@ -46,7 +46,7 @@ def eval_loaders(section: Cpt, manifests: dict[str, mf.Manifest], seq_len: int, 
     return loaders
 
 
-def blend_weights(section: Cpt, manifests: dict[str, mf.Manifest]) -> dict[str, dict[str, dict[str, float]]]:
+def blend_weights(section: Cpt, manifests: dict[str, Manifest]) -> dict[str, dict[str, dict[str, float]]]:
     """``{dataset: {blend: {slug: weight}}}``; domains may be named by their name or their slug."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for name, ds in section.eval.datasets.items():

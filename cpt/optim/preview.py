@@ -7,10 +7,8 @@ import math
 import os
 from dataclasses import dataclass
 
-from omegaconf import DictConfig
-
-from cpt import config as C
-from cpt.optim import schedules as S
+from cpt.config import Checked
+from cpt.optim.schedules import Clock, Schedule
 
 MAX_POINTS = 20_000
 
@@ -22,8 +20,8 @@ class Preview:
     total_batches: int
     tokens_per_batch: int
     phases: list[tuple[str, float]]  # name, start batch
-    scheduler: S._Schedule
-    clock: S.Clock
+    scheduler: Schedule
+    clock: Clock
 
     def lr_at(self, batch: float) -> float:
         return self.lr * self.scheduler.multiplier(batch, self.clock)
@@ -37,30 +35,17 @@ class Preview:
         return [(b, b * self.tokens_per_batch, self.lr_at(b)) for b in batches]
 
 
-def tokens_per_batch(cfg: DictConfig, path: str = "config") -> int:
-    return int(C.require(cfg, "global_train_batch_size", path)) * int(C.require(cfg, "max_seq_len", path))
-
-
-def scheduler_from_config(cfg: DictConfig, path: str = "config") -> tuple[S._Schedule, S.Clock]:
-    """The scheduler a train config asks for, with ``tokens_per_batch`` filled in, checked against the run."""
-    sched = dict(C.require(cfg, "scheduler", path))
-    name = sched.pop("name", None)
-    tpb = tokens_per_batch(cfg, path)
-    sched.setdefault("tokens_per_batch", tpb)
-    try:
-        scheduler = S.build(name, **sched)
-        clock = S.Clock(str(C.require(cfg, "max_duration", path)), tpb)
-        scheduler.resolve(clock)
-    except ValueError as exc:
-        raise C.ConfigError(f"{path}: scheduler: {exc}") from exc
-    return scheduler, clock
-
-
-def preview(cfg: DictConfig, label: str, path: str = "config") -> Preview:
-    scheduler, clock = scheduler_from_config(cfg, path)
-    lr = float(C.require(cfg, "optimizer", path).get("lr", 0.0))
-    total = math.ceil(clock.batches(clock.max_duration, "max_duration"))
-    return Preview(label, lr, total, clock.tokens_per_batch, scheduler.phases(clock), scheduler, clock)
+def preview(checked: Checked, label: str) -> Preview:
+    clock = checked.clock
+    return Preview(
+        label,
+        checked.lr,
+        checked.total_batches,
+        clock.tokens_per_batch,
+        checked.scheduler.phases(clock),
+        checked.scheduler,
+        clock,
+    )
 
 
 def describe(p: Preview) -> str:

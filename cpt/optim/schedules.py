@@ -202,7 +202,7 @@ def _fraction(name: str, value: float, low: float = 0.0, high: float = 1.0, open
 # ---- Composer schedulers -------------------------------------------------------------------------
 
 
-class _Schedule(ComposerScheduler):
+class Schedule(ComposerScheduler):
     """Shared machinery: duration parsing, Composer's call convention, phase boundaries."""
 
     durations: tuple[str, ...] = ()
@@ -241,7 +241,7 @@ class _Schedule(ComposerScheduler):
         return self.multiplier(float(t), clock)
 
 
-class CosineScheduler(_Schedule):
+class CosineScheduler(Schedule):
     """``cpt_cosine``: see :func:`cosine_multiplier`."""
 
     durations = ("t_warmup", "t_max")
@@ -278,7 +278,7 @@ class CosineScheduler(_Schedule):
         return [("warmup", 0.0), ("cosine decay", d["t_warmup"]), ("flat", flat)]
 
 
-class ConstantScheduler(_Schedule):
+class ConstantScheduler(Schedule):
     """``cpt_constant``: see :func:`constant_multiplier`."""
 
     durations = ("t_warmup",)
@@ -298,7 +298,7 @@ class ConstantScheduler(_Schedule):
         return [("warmup", 0.0), ("constant", self.resolve(clock)["t_warmup"])]
 
 
-class InfiniteScheduler(_Schedule):
+class InfiniteScheduler(Schedule):
     """``cpt_infinite``: see :func:`infinite_multiplier`."""
 
     durations = ("t_warmup", "t_cooldown", "t_anneal", "t_max")
@@ -367,7 +367,7 @@ class InfiniteScheduler(_Schedule):
         return out
 
 
-class WSDScheduler(_Schedule):
+class WSDScheduler(Schedule):
     """``cpt_wsd``: see :func:`wsd_multiplier`."""
 
     durations = ("t_warmup", "t_decay", "t_max")
@@ -412,7 +412,7 @@ SCHEDULERS = {
 }
 
 
-def build(name: str, **kwargs) -> _Schedule:
+def make_scheduler(name: str, **kwargs) -> Schedule:
     """A scheduler by its registered name; unknown names and parameters raise ``ValueError``."""
     if name not in SCHEDULERS:
         raise ValueError(f"scheduler.name={name!r} is not one of {sorted(SCHEDULERS)}")

@@ -12,7 +12,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from cpt import storage
+from cpt.io import storage
 
 CE = "LanguageCrossEntropy"
 
@@ -77,7 +77,14 @@ def lr_key(run: Run) -> str | None:
 
 
 def report(runs: list[Run], out: str, upstream: str | None = None, downstream: str | None = None) -> str:
-    """Write ``loss.png``, ``lr.png``, ``forgetting.png`` and ``summary.md`` into ``out``; returns the summary path."""
+    """Write ``loss.png``, ``lr.png``, ``forgetting.png`` and ``summary.md`` into ``out`` (local or ``s3://``);
+    returns the summary's path."""
+    with storage.Destination(out, "cpt report --out") as local:
+        _write(runs, local, upstream, downstream)
+    return storage.join(out, "summary.md")
+
+
+def _write(runs: list[Run], out: str, upstream: str | None, downstream: str | None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -165,7 +172,5 @@ def report(runs: list[Run], out: str, upstream: str | None = None, downstream: s
                 cells.append(f"{math.exp(s[-1][2]):.2f}" if s else "-")
             lines.append(f"| {dom} | " + " | ".join(cells) + " |")
     lines += ["", "![loss](loss.png)", "", "![learning rate](lr.png)", "", "![forgetting](forgetting.png)", ""]
-    path = os.path.join(out, "summary.md")
-    with open(path, "w") as fh:
+    with open(os.path.join(out, "summary.md"), "w") as fh:
         fh.write("\n".join(lines))
-    return path

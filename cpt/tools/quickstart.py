@@ -20,13 +20,14 @@ import time
 
 import yaml
 
-from cpt import report, storage
 from cpt.data import synthetic
 from cpt.data.convert import convert
-from cpt.export import export
+from cpt.io import storage
 from cpt.model import save_tiny_pythia
-from cpt.report import Run
-from cpt.resume import checkpoints
+from cpt.run.checkpoints import checkpoints
+from cpt.tools import report
+from cpt.tools.export import export
+from cpt.tools.report import Run
 
 KEY = "meta.pile_set_name"
 UPSTREAM = {"Prose": "prose", "Science": "science"}
@@ -85,7 +86,6 @@ def base_config(
         "algorithms": {"gradient_clipping": {"clipping_type": "norm", "clipping_threshold": 1.0}},
         "save_folder": storage.join(root, "runs", run, "checkpoints"),
         "save_interval": f"{steps}ba",
-        "autoresume": True,
         "callbacks": {"lr_monitor": {}},
         "loggers": {},
     }

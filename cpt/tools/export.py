@@ -10,15 +10,17 @@ from __future__ import annotations
 import os
 import tempfile
 
-from cpt import storage
+from cpt.io import storage
 
 
 def export(checkpoint: str, out: str) -> str:
-    """Write ``out`` as a ``GPTNeoXForCausalLM`` folder with Pythia's tokenizer; returns ``out``."""
+    """Write ``out`` (local or ``s3://``) as a ``GPTNeoXForCausalLM`` folder with Pythia's tokenizer; returns it."""
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     from cpt.model import save_tokenizer
+
+    storage.check_not_mistyped_url(out, "cpt export OUT")  # before the work, not after
 
     with tempfile.TemporaryDirectory() as tmp:
         local = _fetch(checkpoint, tmp)
@@ -44,8 +46,9 @@ def export(checkpoint: str, out: str) -> str:
         raise ValueError(
             f"{checkpoint}: weights do not match GPT-NeoX (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
-    model.save_pretrained(out)
-    save_tokenizer(out)
+    with storage.Destination(out, "cpt export OUT") as local:
+        model.save_pretrained(local)
+        save_tokenizer(local)
     return out
 
 

@@ -18,7 +18,8 @@ from composer.core import Event, State
 from composer.loggers import Logger, LoggerDestination
 from composer.utils import dist
 
-from cpt import storage
+from cpt.io import storage
+from cpt.run import threads
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +54,12 @@ class MetricsJSONL(LoggerDestination):
                     return  # the previous upload is still going (an S3 outage): training does not wait
                 self._upload.join()
             if os.path.isfile(self.path):
-                self._upload = threading.Thread(target=self._send, args=(Path(self.path).read_bytes(),), daemon=True)
-                self._upload.start()
+                self._upload = threads.start("cpt-metrics-upload", self._send, Path(self.path).read_bytes())
                 if event == Event.FIT_END:
                     self._upload.join()
 
     def _send(self, data: bytes) -> None:
         try:
             storage.write_bytes(storage.join(self.remote, "metrics.jsonl"), data)
-        except storage.StorageError as exc:  # metrics stay local; training goes on
-            log.warning("could not upload metrics: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - metrics stay local; training goes on; the next upload retries
+            log.warning("could not upload metrics to %s: %r", self.remote, exc)

@@ -1,7 +1,10 @@
 """Local paths and ``s3://`` URLs behind one small interface.
 
 The S3 client honours ``S3_ENDPOINT_URL`` (the same variable mosaicml-streaming reads), so tests and
-on-prem object stores work without code changes.
+on-prem object stores work without code changes. Each thread gets its own client, from its own boto3
+``Session``, created once (boto3's sessions are not thread-safe; the upload, heartbeat and metrics threads
+call S3 while training does). Every call rides out transient errors for up to ``retry_limit_s()``, which a
+run sets from ``cpt.s3_retry_s`` with ``set_retry_limit``.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import io
 import logging
 import os
 import shutil
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,13 +32,20 @@ class StorageError(RuntimeError):
     """A path or bucket cannot be read or written; the message names it."""
 
 
-RETRY_ENV = "CPT_S3_RETRY_S"  # how long an S3 outage is ridden out before giving up (cpt.s3_retry_s sets it)
 DEFAULT_RETRY_S = 600.0
 _TRANSIENT_CODES = {"500", "502", "503", "504", "SlowDown", "Throttling", "RequestTimeout", "InternalError"}
+_retry_s = DEFAULT_RETRY_S
+_local = threading.local()  # this thread's {endpoint: client}
+
+
+def set_retry_limit(seconds: float) -> None:
+    """How long every S3 call of this process rides out an outage before giving up (``cpt.s3_retry_s``)."""
+    global _retry_s
+    _retry_s = float(seconds)
 
 
 def retry_limit_s() -> float:
-    return float(os.environ.get(RETRY_ENV, DEFAULT_RETRY_S))
+    return _retry_s
 
 
 def _transient(exc: BaseException) -> bool:
@@ -75,7 +87,7 @@ def _s3(what: str, call: Callable[[], T]) -> T:
             if waited >= limit:
                 raise StorageError(
                     f"{what}: S3 unreachable for {waited:.0f}s, longer than the retry limit of {limit:.0f}s "
-                    f"(cpt.s3_retry_s, or {RETRY_ENV}); last error: {exc}"
+                    f"(cpt.s3_retry_s); last error: {exc}"
                 ) from exc
             pause = min(delay, 8.0, limit - waited)
             log.warning("%s: %s; retrying in %.1fs (gives up after %.0fs)", what, exc, pause, limit)
@@ -95,11 +107,16 @@ def split_s3(url: str) -> tuple[str, str]:
 
 
 def s3_client():
-    import boto3
-    from botocore.config import Config
+    """This thread's S3 client for the current ``S3_ENDPOINT_URL``: built once, from a session of its own."""
+    endpoint = os.environ.get("S3_ENDPOINT_URL") or None
+    clients = _local.__dict__.setdefault("clients", {})
+    if endpoint not in clients:
+        import boto3
+        from botocore.config import Config
 
-    cfg = Config(retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=5, read_timeout=60)  # see _s3
-    return boto3.client("s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL") or None, config=cfg)
+        cfg = Config(retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=5, read_timeout=60)  # see _s3
+        clients[endpoint] = boto3.session.Session().client("s3", endpoint_url=endpoint, config=cfg)
+    return clients[endpoint]
 
 
 def join(base: str, *parts: str) -> str:
@@ -108,7 +125,7 @@ def join(base: str, *parts: str) -> str:
     return str(Path(base, *parts))
 
 
-def expand(patterns: list[str]) -> list[str]:
+def match_inputs(patterns: list[str]) -> list[str]:
     """Expand local globs and ``s3://`` globs into a sorted, de-duplicated list of files."""
     found: list[str] = []
     for pattern in patterns:
@@ -139,23 +156,66 @@ def _expand_s3(pattern: str) -> list[str]:
 
 
 def _list_s3(bucket: str, prefix: str) -> list[str]:
+    return [key for key, _ in _list_s3_objects(bucket, prefix)]
+
+
+def _list_s3_objects(bucket: str, prefix: str) -> list[tuple[str, str]]:
+    """``(key, ETag)`` of every object under ``prefix``."""
+
     def call():
         pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-        return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+        return [(obj["Key"], obj["ETag"]) for page in pages for obj in page.get("Contents", [])]
 
     return _s3(f"cannot list s3://{bucket}/{prefix}", call)
 
 
+def _folder_prefix(key: str) -> str:
+    return key.rstrip("/") + "/" if key else ""
+
+
 def list_prefix(url: str) -> list[str]:
-    """Keys (relative to ``url``) of every object or file under ``url``."""
+    """Keys (relative to ``url``) of every object or file under ``url``, at any depth."""
+    return sorted(listing(url))
+
+
+def listing(url: str) -> dict[str, str]:
+    """``{relative key: version}`` of every object or file under ``url``: the ETag on S3, size and mtime locally.
+
+    Two listings of a folder are equal only if no file was added, removed or replaced in between."""
     if is_s3(url):
         bucket, key = split_s3(url)
-        prefix = key.rstrip("/") + "/" if key else ""
-        return [k[len(prefix) :] for k in _list_s3(bucket, prefix)]
+        prefix = _folder_prefix(key)
+        return {k[len(prefix) :]: etag for k, etag in _list_s3_objects(bucket, prefix)}
     root = Path(url)
     if not root.is_dir():
-        return []
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+        return {}
+    out = {}
+    for p in root.rglob("*"):
+        if p.is_file():
+            st = p.stat()
+            out[str(p.relative_to(root))] = f"{st.st_size}:{st.st_mtime_ns}"
+    return out
+
+
+def list_children(url: str) -> tuple[list[str], list[str]]:
+    """``(files, folders)`` directly inside ``url``, never deeper; names only, sorted."""
+    if is_s3(url):
+        bucket, key = split_s3(url)
+        prefix = _folder_prefix(key)
+
+        def call():
+            pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
+            files, folders = [], []
+            for page in pages:
+                files += [o["Key"][len(prefix) :] for o in page.get("Contents", [])]
+                folders += [p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", [])]
+            return sorted(f for f in files if f), sorted(folders)
+
+        return _s3(f"cannot list {url}", call)
+    if not os.path.isdir(url):
+        return [], []
+    entries = sorted(os.scandir(url), key=lambda e: e.name)
+    return [e.name for e in entries if e.is_file()], [e.name for e in entries if e.is_dir()]
 
 
 def size(path: str) -> int:
@@ -285,6 +345,15 @@ def delete(path: str) -> None:
         os.remove(path)
 
 
+def delete_folder(url: str) -> None:
+    """Remove a folder and everything under it; a missing one is not an error."""
+    if is_s3(url):
+        for key in list_prefix(url):
+            delete(join(url, key))
+    else:
+        shutil.rmtree(url, ignore_errors=True)
+
+
 def upload_file(local: str, url: str, progress: Callable[[int], None] | None = None) -> None:
     """Copy ``local`` to ``url``; an S3 object appears whole or not at all. ``progress`` gets byte increments."""
     if not is_s3(url):
@@ -306,6 +375,55 @@ def download_file(url: str, local: str) -> None:
     tmp = f"{local}.part{os.getpid()}"
     _s3(f"cannot download {url}", lambda: s3_client().download_file(bucket, key, tmp))
     os.replace(tmp, local)
+
+
+def upload_folder(local: str, url: str) -> list[str]:
+    """Copy every file under the local folder ``local`` to ``url`` (local or ``s3://``); returns the keys."""
+    keys = sorted(str(p.relative_to(local)) for p in Path(local).rglob("*") if p.is_file())
+    for key in keys:
+        upload_file(os.path.join(local, key), join(url, key))
+    return keys
+
+
+class Destination:
+    """Where a command writes a folder: a local path is written in place, an ``s3://`` one in a temporary
+    folder that ``close`` uploads. A local path that looks like a mistyped URL (``s3:/b``, ``S3://b``,
+    ``s3//b``) is refused: it would become a local folder named ``s3:``."""
+
+    def __init__(self, url: str, what: str):
+        check_not_mistyped_url(url, what)
+        self.url, self._tmp = url, tempfile.mkdtemp(prefix="cpt-out-") if is_s3(url) else None
+        self.local = self._tmp or url
+        os.makedirs(self.local, exist_ok=True)
+
+    def __enter__(self) -> str:
+        return self.local
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if self._tmp and exc_type is None:
+                upload_folder(self._tmp, self.url)
+        finally:
+            if self._tmp:
+                shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def check_not_mistyped_url(path: str, what: str) -> None:
+    """``StorageError`` when a path that is not ``s3://...`` starts like one (``s3:/``, ``S3://``, ``s3//``)."""
+    text = str(path)
+    if is_s3(text):
+        split_s3(text)
+        return
+    if text.lower().startswith(("s3:", "s3/")):
+        raise StorageError(f"{what}: {text!r} is neither a local path nor an s3:// URL (did you mean s3://...?)")
+
+
+def local_only(path: str, what: str) -> str:
+    """``path`` when it is local; a clear ``StorageError`` for an ``s3://`` URL (or a mistyped one)."""
+    check_not_mistyped_url(path, what)
+    if is_s3(path):
+        raise StorageError(f"{what}: {path} must be a local path (this command does not write to s3://)")
+    return path
 
 
 def check_writable(url: str) -> None:

@@ -11,7 +11,6 @@ preemption) at one point of batch ``<batch>``:
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import signal
@@ -21,6 +20,8 @@ import time
 
 from composer.core import Callback, State
 from composer.loggers import Logger
+
+from cpt.run import checkpoints
 
 log = logging.getLogger(__name__)
 ENV = "CPT_FAULT"
@@ -45,9 +46,10 @@ def kill(point: str, batch: int) -> None:
 
 
 def upload_progress(name: str, nbytes: int):
-    """A boto progress callback that kills mid-upload of ``ep*-ba<batch>-rank0.pt`` when that is planned."""
+    """A boto progress callback that kills half-way through a file of the checkpoint ``name`` of the planned
+    batch (the file itself, or a file of a sharded checkpoint's folder)."""
     plan = planned()
-    if plan is None or plan[0] != "upload" or f"-ba{plan[1]}-" not in name:
+    if plan is None or plan[0] != "upload" or checkpoints.batch_of(name) != plan[1]:
         return None
     sent = 0
 
@@ -78,11 +80,18 @@ class Faults(Callback):
     def batch_checkpoint(self, state: State, logger: Logger) -> None:
         # runs just before Composer's saver: a watcher kills once the checkpoint file has started to grow
         if self.point == "save" and int(state.timestamp.batch) == self.batch and self.save_folder:
-            pattern = os.path.join(self.save_folder, f"ep*-ba{self.batch}-rank0.pt")
+            folder = self.save_folder
+
+            def started() -> bool:
+                for name in os.listdir(folder) if os.path.isdir(folder) else []:
+                    path = os.path.join(folder, name)
+                    if checkpoints.batch_of(name) == self.batch and os.path.isfile(path) and os.path.getsize(path):
+                        return True
+                return False
 
             def watch() -> None:
                 while True:
-                    if any(os.path.getsize(p) > 0 for p in glob.glob(pattern)):
+                    if started():
                         kill("save", self.batch)
                     time.sleep(0.0005)
 

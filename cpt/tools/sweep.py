@@ -13,27 +13,28 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
-from cpt import config as C
+from cpt import config
+from cpt.config import ConfigError
 
 
 @dataclass
-class Run:
+class SweepRun:
     name: str
     cfg: DictConfig
     path: str  # where its config is written
 
 
-def load_group(path: str, out: str) -> list[Run]:
+def load_group(path: str, out: str) -> list[SweepRun]:
     try:
         group = OmegaConf.to_container(OmegaConf.load(path))
     except Exception as exc:
-        raise C.ConfigError(f"{path}: {exc}") from exc
+        raise ConfigError(f"{path}: {exc}") from exc
     unknown = set(group) - {"base", "runs"}
     if unknown or "base" not in group or not group.get("runs"):
-        raise C.ConfigError(f"{path}: a sweep group has exactly 'base' and 'runs' (found {sorted(group)})")
+        raise ConfigError(f"{path}: a sweep group has exactly 'base' and 'runs' (found {sorted(group)})")
     base = os.path.join(os.path.dirname(path), group["base"])
     if not os.path.isfile(base):
-        raise C.ConfigError(f"{path}: base config {base} not found")
+        raise ConfigError(f"{path}: base config {base} not found")
     runs = []
     for name, overrides in group["runs"].items():
         cfg = OmegaConf.load(base)
@@ -47,16 +48,16 @@ def load_group(path: str, out: str) -> list[Run]:
         try:
             OmegaConf.resolve(cfg)
         except Exception as exc:
-            raise C.ConfigError(f"{path}: runs.{name}: {exc}") from exc
-        runs.append(Run(name, cfg, os.path.join(out, f"{name}.yaml")))
+            raise ConfigError(f"{path}: runs.{name}: {exc}") from exc
+        runs.append(SweepRun(name, cfg, os.path.join(out, f"{name}.yaml")))
     return runs
 
 
-def launch_command(run: Run, gpus: int) -> str:
+def launch_command(run: SweepRun, gpus: int) -> str:
     return f"composer -n {gpus} -m cpt.train {run.path}"
 
 
-def sweep(path: str, out: str | None, gpus: int, dry_run: bool, png: str | None = None) -> list[Run]:
+def sweep(path: str, out: str | None, gpus: int, dry_run: bool, png: str | None = None) -> list[SweepRun]:
     group = os.path.splitext(os.path.basename(path))[0]
     out = out or os.path.join("sweeps", group)
     runs = load_group(path, out)
@@ -65,8 +66,7 @@ def sweep(path: str, out: str | None, gpus: int, dry_run: bool, png: str | None 
         if dry_run:
             from cpt.optim.preview import describe, preview
 
-            C.check(run.cfg, f"{path}: runs.{run.name}")
-            previews.append(preview(run.cfg, run.name, f"{path}: runs.{run.name}"))
+            previews.append(preview(config.check(run.cfg, f"{path}: runs.{run.name}"), run.name))
             print(describe(previews[-1]))
         os.makedirs(out, exist_ok=True)
         OmegaConf.save(run.cfg, run.path)

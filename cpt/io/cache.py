@@ -1,0 +1,73 @@
+"""The project's local cache: ``$CPT_CACHE``, else ``~/.cache/cpt``; a file lock; local copies of remote folders.
+
+A copy of an ``s3://`` folder is kept with the listing it was made from (every object's ETag). Each use lists
+the folder again: the same listing reuses the copy, a changed one (a folder re-uploaded to the same path)
+fetches it again. The log says which copy is used.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+from cpt.io import storage
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir(*parts: str) -> str:
+    root = os.environ.get("CPT_CACHE") or os.path.join(Path.home(), ".cache", "cpt")
+    path = os.path.join(root, *parts)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+@contextmanager
+def locked(folder: str):
+    """An exclusive file lock on ``folder`` (ranks on one node that share a cache take turns)."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, ".lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
+def mirror(url: str, kind: str, check: Callable[[list[str]], None] | None = None) -> str:
+    """A local folder holding the files under ``url`` as they are now; local paths are returned as they are.
+
+    ``check`` sees the listing's keys before anything is downloaded and may raise. Safe when several ranks
+    start at once: one downloads under a file lock, the others wait and reuse its copy.
+    """
+    if not storage.is_s3(url):
+        return url
+    url = url.rstrip("/")
+    home = cache_dir(kind, hashlib.sha256(url.encode()).hexdigest()[:16])
+    files, record = os.path.join(home, "files"), os.path.join(home, "listing.json")
+    with locked(home):
+        now = storage.listing(url)
+        if check is not None:
+            check(sorted(now))
+        if os.path.isfile(record) and os.path.isdir(files):
+            with open(record) as fh:
+                if json.load(fh) == {"url": url, "objects": now}:
+                    log.info("using the cached copy of %s at %s (%d objects, ETags unchanged)", url, files, len(now))
+                    return files
+            log.info("%s changed since it was cached at %s: fetching it again", url, files)
+        tmp = os.path.join(home, "files.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        for key in sorted(now):
+            storage.download_file(storage.join(url, key), os.path.join(tmp, key))
+        if os.path.exists(record):
+            os.remove(record)  # no record while files are swapped: an interrupted swap is fetched again
+        shutil.rmtree(files, ignore_errors=True)
+        os.replace(tmp, files)
+        with open(record, "w") as fh:
+            json.dump({"url": url, "objects": now}, fh)
+        log.info("downloaded %s (%d objects) into %s", url, len(now), files)
+    return files

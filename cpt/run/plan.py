@@ -1,0 +1,169 @@
+"""The run plan: a train YAML checked once into a frozen, typed plan, and ``to_foundry()``, llm-foundry's config.
+
+``Plan.from_config`` does every check that needs the model folder, the manifests or the save folder, after
+``cpt.config.check`` did those that need none of them. Everything later (``cpt.train``, benchmarks, tests)
+reads the plan's fields; llm-foundry's config is an output, never read back.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from dataclasses import dataclass
+
+from omegaconf import DictConfig
+
+from cpt import config, model
+from cpt.config import Checked, ConfigError
+from cpt.data import mixture
+from cpt.data.manifest import Manifest
+from cpt.eval import domains
+from cpt.io import storage
+from cpt.io.cache import cache_dir
+from cpt.run import checkpoints, faults
+from cpt.run.checkpoints import Checkpoint
+from cpt.run.fingerprint import fingerprint
+
+
+@dataclass(frozen=True)
+class Plan:
+    checked: Checked  # the YAML, its cpt: section, the scheduler and its clock, save folder, sharded or not
+    model_dir: str  # a local Hugging Face folder (an s3:// one is copied into the cache)
+    model_config: dict
+    train_manifests: dict[str, Manifest]
+    eval_manifests: dict[str, Manifest]
+    fingerprint: str  # of the training data (sources, proportions, manifests)
+    run_dir: str  # local: metrics.jsonl, sample log
+    cache: str  # local: the run's downloads (data, checkpoints to resume from)
+    staging: str | None  # where Composer saves before cpt uploads (s3:// save folder, or sharded checkpoints)
+    resume: Checkpoint | None  # the checkpoint to resume from, its name a local path; None: base weights only
+    lock: str | None  # the folder whose run lock this launch takes (the save folder)
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, path: str = "config") -> Plan:
+        """Check a loaded train YAML against its model, data and save folder. Raises ``ConfigError``."""
+        checked = config.check(cfg, path)
+        section = checked.section
+        storage.set_retry_limit(section.s3_retry_s)  # every S3 call of this process from here on
+        try:
+            model_dir = model.resolve_folder(section.model)
+        except (FileNotFoundError, OSError, storage.StorageError) as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+        model_config = model.read_config(model_dir)
+        if checked.seq_len > model_config.get("max_position_embeddings", checked.seq_len):
+            raise ConfigError(
+                f"{path}: max_seq_len={checked.seq_len} is longer than the model's max_position_embeddings="
+                f"{model_config['max_position_embeddings']} ({section.model})"
+            )
+        train = mixture.read_manifests({k: s.path for k, s in section.train.items()}, checked.seq_len, "cpt.train")
+        evals = mixture.read_manifests(
+            {k: d.path for k, d in section.eval.datasets.items()}, checked.seq_len, "cpt.eval.datasets"
+        )
+        vocab = model_config.get("vocab_size", 0)
+        for name, m in {**train, **evals}.items():
+            if m.vocab_size > vocab:
+                raise ConfigError(
+                    f"{path}: dataset {name} has token ids up to {m.vocab_size} but the model's vocab_size is {vocab}"
+                )
+        domains.blend_weights(section, evals)  # a blend naming an unknown domain fails now
+        cache = cache_dir("runs", checked.run_name)
+        save = checked.save_folder
+        staged = bool(save) and (storage.is_s3(save) or checked.sharded)
+        return cls(
+            checked=checked,
+            model_dir=model_dir,
+            model_config=model_config,
+            train_manifests=train,
+            eval_manifests=evals,
+            fingerprint=fingerprint(section, train),
+            run_dir=os.path.join(section.run_dir, checked.run_name),
+            cache=cache,
+            staging=os.path.join(cache, "staging") if staged else None,
+            resume=checkpoints.find_resume(save, os.path.join(cache, "checkpoints")) if save else None,
+            lock=save,
+        )
+
+    @property
+    def finished(self) -> bool:
+        """The newest checkpoint is already at ``max_duration``: nothing is left to train."""
+        return self.resume is not None and self.resume.batch >= self.checked.total_batches
+
+    def to_foundry(self) -> DictConfig:
+        """llm-foundry's train config: the YAML without ``cpt:``, plus what cpt builds from the plan."""
+        checked, section = self.checked, self.checked.section
+        out = copy.deepcopy(checked.cfg)
+        del out["cpt"]
+        seq_len = checked.seq_len
+        out.model = {
+            "name": "cpt_pythia",
+            "pretrained_model_name_or_path": self.model_dir,
+            "pretrained": not section.from_scratch,  # weights only: optimizer and clock start fresh
+            "attn_implementation": "sdpa",
+            "use_flash_attention_2": False,
+            "use_train_metrics": False,  # the train loss is logged anyway; metrics on 50k-vocab logits cost a pass
+        }
+        out.tokenizer = {"name": self.model_dir, "kwargs": {"model_max_length": seq_len, "pad_token": "<|padding|>"}}
+        out.train_loader = mixture.train_loader(section, seq_len, self.cache)
+        out.scheduler.tokens_per_batch = checked.clock.tokens_per_batch
+        callbacks = dict(out.get("callbacks") or {})
+        if section.eval.datasets:
+            out.eval_loaders = domains.eval_loaders(section, self.eval_manifests, seq_len, self.cache)
+            out.eval_first = section.eval.first
+            clock, warmup_end = checked.clock, checked.warmup_end
+            callbacks["cpt_eval_cadence"] = {
+                "interval": math.ceil(clock.batches(section.eval.interval, "cpt.eval.interval")),
+                "warmup_interval": (
+                    math.ceil(clock.batches(section.eval.warmup_interval, "cpt.eval.warmup_interval"))
+                    if section.eval.warmup_interval
+                    else None
+                ),
+                "warmup_end": warmup_end,
+                "peak": warmup_end if section.eval.at_peak and warmup_end > 0 else None,
+                "subset_num_batches": domains.subset_batches(
+                    section.eval.tokens_per_domain,
+                    seq_len,
+                    int(checked.cfg.get("device_eval_batch_size", 8)),
+                    int(os.environ.get("WORLD_SIZE", "1")),
+                ),
+            }
+            callbacks["cpt_domain_metrics"] = {"blends": domains.blend_weights(section, self.eval_manifests)}
+        save = checked.save_folder
+        loggers = dict(out.get("loggers") or {})
+        loggers["cpt_jsonl"] = {
+            "path": os.path.join(self.run_dir, "metrics.jsonl"),
+            "remote": save if save and storage.is_s3(save) else None,
+        }
+        out.loggers = loggers
+        out.autoresume = False  # cpt's resume rule (cpt.run.checkpoints), for monolithic and sharded alike
+        if save:
+            out.save_folder = self.staging or save  # Composer writes locally; cpt_checkpoint_upload uploads
+            out.save_filename = checkpoints.SAVE_FILENAME
+            out.save_num_checkpoints_to_keep = -1  # trimming is cpt_checkpoint_upload's (cpt.keep_checkpoints)
+            if checked.sharded:
+                out.fsdp_config.sharded_ckpt_prefix_dir = checkpoints.SHARDED_PREFIX
+            callbacks["cpt_checkpoint_upload"] = {
+                "save_folder": save,
+                "staging": self.staging,
+                "keep": section.keep_checkpoints,
+                "sharded": checked.sharded,
+            }
+            callbacks["cpt_run_lock"] = {"save_folder": save}
+        if self.resume is not None:
+            out.load_path = self.resume.name  # the whole state: weights, optimizer, clock, data position, RNG
+        if faults.planned():
+            callbacks["cpt_faults"] = {"save_folder": out.get("save_folder")}
+        if section.log_samples:
+            callbacks["cpt_sample_log"] = {"folder": self.run_dir}
+        callbacks["cpt_fingerprint"] = {
+            "fingerprint": self.fingerprint,
+            "allow_change": section.allow_fingerprint_change,
+        }
+        out.callbacks = callbacks
+        return out
+
+    def describe(self) -> str:
+        """One line for the log: what this launch does."""
+        where = self.checked.save_folder or "no save folder"
+        start = f"resumes from batch {self.resume.batch}" if self.resume else "starts from the base weights"
+        return f"{self.checked.run_name}: {start} ({self.model_dir}); checkpoints in {where}"
