@@ -95,6 +95,10 @@ def test_token_durations_from_yaml(capsys):
         (["device_train_microbatch_size=auto"], "must be an integer"),
         (["cpt.from_scratch=maybe"], "cpt.from_scratch: expected bool"),
         (["oops"], "override 'oops' is not key=value"),
+        (["save_filename=ck-{batch}.pt"], "save_filename is cpt's"),
+        (["fsdp_config.sharded_ckpt_prefix_dir=ba{batch}"], "fsdp_config.sharded_ckpt_prefix_dir is cpt's"),
+        (["autoresume=true"], "autoresume is cpt's"),
+        (["load_path=s3://b/x.pt"], "load_path restores an optimizer"),
     ],
 )
 def test_bad_configs_name_the_key(overrides, message, capsys):
@@ -110,3 +114,12 @@ def test_cli_entry_point_help():
     ).stdout
     for flag in ("--csv", "--png", "--compare", "overrides"):
         assert flag in out
+
+
+def test_a_mistyped_destination_url_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["schedule", str(PAPER), "--png", "s3:/bucket/lr.png"]) == 2
+    assert "neither a local path nor an s3:// URL" in capsys.readouterr().err
+    assert main(["schedule", str(PAPER), "--csv", "s3://bucket/lr.csv"]) == 2
+    assert "must be a local path" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # no local folder named s3:

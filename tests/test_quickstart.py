@@ -53,6 +53,41 @@ def test_export_gives_the_checkpoints_logits(tmp_path):
     assert AutoTokenizer.from_pretrained(tmp_path / "out")("Hello world")["input_ids"] == [12092, 1533]
 
 
+def test_export_to_s3_lands_in_the_bucket(tmp_path, s3_bucket, monkeypatch, capfd):
+    """``cpt export CKPT s3://...`` writes the folder into the bucket (and nothing into a local ``s3:`` folder);
+    a mistyped URL is refused before any work."""
+    import torch
+    from composer import Trainer
+    from composer.models import HuggingFaceModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cpt.cli import main
+    from cpt.io import storage
+    from cpt.model import save_tiny_pythia
+
+    src = save_tiny_pythia(str(tmp_path / "src"), seed=5)
+    hf = AutoModelForCausalLM.from_pretrained(src)
+    trainer = Trainer(model=HuggingFaceModel(hf, tokenizer=AutoTokenizer.from_pretrained(src)), device="cpu")
+    ckpt = tmp_path / "ck.pt"
+    trainer.save_checkpoint(str(ckpt))
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", str(ckpt), f"{s3_bucket}/exports/hf"]) == 0
+    assert f"wrote {s3_bucket}/exports/hf" in capfd.readouterr().out
+    keys = set(storage.list_prefix(f"{s3_bucket}/exports/hf"))
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= keys
+    assert not (tmp_path / "s3:").exists()
+    back = tmp_path / "back"
+    for key in keys:
+        storage.download_file(f"{s3_bucket}/exports/hf/{key}", str(back / key))
+    ids = torch.tensor([[12092, 1533, 0, 510, 3158]])
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(back)(ids).logits, hf(ids).logits)
+
+    assert main(["export", str(ckpt), f"s3:/{s3_bucket[5:]}/typo"]) == 2
+    assert "neither a local path nor an s3:// URL" in capfd.readouterr().err
+    assert not (tmp_path / "s3:").exists()
+
+
 def test_quickstart_on_s3(tmp_path, s3_bucket):
     """``cpt quickstart --s3``: data, checkpoints and metrics on the S3 endpoint (shortened to a few steps)."""
     import math

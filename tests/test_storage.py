@@ -125,3 +125,40 @@ def test_an_object_replaced_during_a_cut_read_is_not_spliced(cutting_proxy, s3_b
         replaced = rf"cannot read {url} at byte [\d,]+ of 4,194,304: the object was replaced"
         with pytest.raises(storage.StorageError, match=replaced):
             fh.read()
+
+
+def test_many_threads_share_storage_calls_at_once(s3_bucket):
+    """16 threads write, read, list and delete at once; each gets its own client (boto3 sessions are not
+    thread-safe), built once per thread."""
+    import threading
+
+    errors, clients = [], {}
+    start = threading.Barrier(16)
+
+    def work(i: int) -> None:
+        try:
+            start.wait()
+            mine = {id(storage.s3_client()) for _ in range(3)}
+            clients[i] = mine
+            for j in range(10):
+                url = f"{s3_bucket}/threads/{i}/{j}.bin"
+                payload = f"{i}:{j}".encode() * 100
+                storage.write_bytes(url, payload)
+                assert storage.read_bytes(url) == payload
+                assert storage.exists(url)
+            assert sorted(storage.list_prefix(f"{s3_bucket}/threads/{i}")) == sorted(f"{j}.bin" for j in range(10))
+            for j in range(0, 10, 2):
+                storage.delete(f"{s3_bucket}/threads/{i}/{j}.bin")
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append((i, repr(exc)))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors[:3]
+    assert all(len(c) == 1 for c in clients.values())  # one client per thread, reused
+    assert len(set().union(*clients.values())) == 16  # and not shared between threads
+    left = storage.list_prefix(f"{s3_bucket}/threads")
+    assert sorted(left) == sorted(f"{i}/{j}.bin" for i in range(16) for j in range(1, 10, 2))

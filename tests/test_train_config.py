@@ -54,6 +54,7 @@ def test_good_config_expands_for_llmfoundry(tiny):
         (["max_seq_len=256", "cpt.eval.tokens_per_domain=256"], "max_seq_len=256 is longer than the model's"),
         (["max_seq_len=32"], "has samples of 64 tokens but max_seq_len is 32"),
         (["load_path=/x.pt"], "load_path restores an optimizer"),
+        (["save_filename=ck-{batch}.pt"], "save_filename is cpt's"),
         (["cpt.eval.datasets.upstream.blends.b={Nope: 1.0}"], "domain 'Nope' is not in"),
     ],
 )

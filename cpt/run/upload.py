@@ -164,8 +164,9 @@ class Uploader:
             self._mark_complete(name)
 
     def _mark_complete(self, name: str) -> None:
-        """Rank 0: once every rank's note is in the save folder, write the completion marker from them."""
-        url, deadline = storage.join(self.save_folder, name), time.monotonic() + max(storage.retry_limit_s(), 60.0)
+        """Rank 0: once every rank's note is in the save folder (waiting up to ``cpt.s3_retry_s``), write the
+        completion marker from them."""
+        url, deadline = storage.join(self.save_folder, name), time.monotonic() + storage.retry_limit_s()
         notes = {_rank_note(r) for r in range(self.world_size)}
         while not notes <= set(storage.list_children(url)[0]):
             if time.monotonic() > deadline:
