@@ -13,11 +13,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, get_args, get_origin, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
 
+from cpt.io import storage
 from cpt.optim import schedules
 
 OWNED = ("model", "tokenizer", "train_loader", "eval_loader", "eval_loaders")
@@ -76,6 +78,7 @@ class Cpt:
     keep_checkpoints: int = 3  # newest checkpoints kept in save_folder (0: all); Composer never deletes remote ones
     s3_retry_s: float = 600.0  # an S3 outage longer than this fails the upload or download, naming it
     log_samples: bool = False  # <run_dir>/<run>/samples-rank<r>.jsonl: a digest of every sample trained
+    trust_remote_code: bool = False  # run a model folder's own code (config.json auto_map); off: refused
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,7 @@ class Checked:
     scheduler: schedules.Schedule
     clock: schedules.Clock
     save_folder: str | None
-    sharded: bool  # fsdp_config.state_dict_type: sharded
+    sharded: bool  # fsdp_config.state_dict_type: sharded, on more than one rank
 
     @property
     def total_batches(self) -> int:
@@ -204,15 +207,11 @@ def check(cfg: DictConfig, path: str = "config") -> Checked:
     run_name = str(require(cfg, "run_name", path))
     if not section.train:
         raise ConfigError(f"{path}: cpt.train names no source")
-    for name, src in section.train.items():
-        if src.proportion <= 0:
-            raise ConfigError(f"{path}: cpt.train.{name}.proportion must be positive, got {src.proportion}")
+    _check_values(cfg, section, path)
     seq_len, glob = int(cfg.max_seq_len), int(cfg.global_train_batch_size)
-    if section.eval.tokens_per_domain is not None and section.eval.tokens_per_domain < seq_len:
-        raise ConfigError(f"{path}: cpt.eval.tokens_per_domain must be at least max_seq_len ({seq_len})")
     for name, ds in section.eval.datasets.items():
         for blend, weights in ds.blends.items():
-            if not weights or any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+            if not weights or any(not _finite(w) or w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
                 raise ConfigError(f"{path}: cpt.eval.datasets.{name}.blends.{blend} needs non-negative weights")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     micro = cfg.get("device_train_microbatch_size")
@@ -232,6 +231,17 @@ def check(cfg: DictConfig, path: str = "config") -> Checked:
             f"{path}: fsdp_config.sharded_ckpt_prefix_dir is cpt's (cpt.run.checkpoints names checkpoints); remove it"
         )
     scheduler, clock = _scheduler(cfg, glob * seq_len, path)
+    for key, value in (
+        ("cpt.eval.interval", section.eval.interval),
+        ("cpt.eval.warmup_interval", section.eval.warmup_interval),
+        ("save_interval", cfg.get("save_interval")),
+    ):
+        if value is not None:
+            try:
+                if clock.batches(value, key) <= 0:
+                    raise ValueError(f"{key}={value!r} must be longer than zero")
+            except ValueError as exc:
+                raise ConfigError(f"{path}: {exc}") from exc
     save_folder = cfg.get("save_folder")
     return Checked(
         cfg=cfg,
@@ -244,8 +254,70 @@ def check(cfg: DictConfig, path: str = "config") -> Checked:
         scheduler=scheduler,
         clock=clock,
         save_folder=str(save_folder) if save_folder else None,
-        sharded=fsdp.get("state_dict_type") == "sharded",
+        sharded=fsdp.get("state_dict_type") == "sharded" and world > 1,  # llm-foundry drops FSDP on one device
     )
+
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a run name becomes a folder name in several places
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_values(cfg: DictConfig, section: Cpt, path: str) -> None:
+    """Every value's type and range, in one place: ``ConfigError`` naming the key and the value."""
+
+    def fail(key: str, value: Any, want: str) -> None:
+        raise ConfigError(f"{path}: {key}={value!r} {want}")
+
+    run_name = str(cfg.run_name)
+    if not SAFE_NAME.fullmatch(run_name):
+        fail("run_name", run_name, "must be a plain name (letters, digits, '.', '_', '-'; no '/' and no leading '.')")
+    for key in ("max_seq_len", "global_train_batch_size", "device_train_microbatch_size", "device_eval_batch_size"):
+        value = cfg.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            if key == "device_train_microbatch_size" and isinstance(value, str):
+                continue  # named below, with the reason
+            fail(key, value, "must be a positive integer")
+    optimizer = cfg.optimizer
+    if not isinstance(optimizer, DictConfig):
+        fail("optimizer", optimizer, "must be a mapping")
+    lr = optimizer.get("lr")
+    if not _finite(lr) or lr <= 0:
+        fail("optimizer.lr", lr, "must be a positive number")
+    betas = optimizer.get("betas")
+    if betas is not None:
+        if len(betas) != 2 or not all(_finite(b) and 0 <= b < 1 for b in betas):
+            fail("optimizer.betas", list(betas), "must be two numbers in [0, 1)")
+    for key in ("eps", "weight_decay"):
+        value = optimizer.get(key)
+        if value is not None and (not _finite(value) or value < 0):
+            fail(f"optimizer.{key}", value, "must be a non-negative number")
+    for name, src in section.train.items():
+        if not _finite(src.proportion) or src.proportion <= 0:
+            fail(f"cpt.train.{name}.proportion", src.proportion, "must be a positive number")
+    urls = {f"cpt.train.{name}.path": src.path for name, src in section.train.items()}
+    urls.update({f"cpt.eval.datasets.{name}.path": ds.path for name, ds in section.eval.datasets.items()})
+    urls.update({"cpt.model": section.model, "save_folder": cfg.get("save_folder")})
+    for key, value in urls.items():
+        try:
+            if value:
+                storage.check_not_mistyped_url(str(value), key)
+        except storage.StorageError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+    tokens = section.eval.tokens_per_domain
+    if tokens is not None and tokens < int(cfg.max_seq_len):
+        fail("cpt.eval.tokens_per_domain", tokens, f"must be at least max_seq_len ({cfg.max_seq_len})")
+    for key, value, low in (
+        ("cpt.num_workers", section.num_workers, 0),
+        ("cpt.keep_checkpoints", section.keep_checkpoints, 0),
+        ("cpt.num_canonical_nodes", section.num_canonical_nodes, 1),
+    ):
+        if value < low:
+            fail(key, value, f"must be at least {low}")
+    if not _finite(section.s3_retry_s) or section.s3_retry_s <= 0:
+        fail("cpt.s3_retry_s", section.s3_retry_s, "must be a positive number of seconds")
 
 
 def _scheduler(cfg: DictConfig, tokens_per_batch: int, path: str) -> tuple[schedules.Schedule, schedules.Clock]:

@@ -121,3 +121,68 @@ def test_train_in_bf16_on_gpu_killed_and_resumed(tmp_path, tiny_project):
     if worst == 0.0:
         assert_identical(a["optimizers"], b["optimizers"], "optimizers")
     assert relative < 0.05  # a wrong resume (LR, data or optimizer state) differs by the order of the update
+
+
+def test_sharded_fsdp_checkpoints_go_through_cpts_upload_and_resume_rule(tmp_path, s3_bucket):
+    """Composer's FSDP saves sharded checkpoints into a staging folder; cpt's uploader sends them to S3 with
+    their completion marker; ``find_resume`` picks the newest complete folder and Composer loads it: the
+    loaded weights equal the trained ones. (One GPU: llm-foundry turns FSDP off in ``cpt.train``, so the
+    Trainer is built here, with cpt's callback, as ``cpt.run.plan`` configures it on several ranks.)"""
+    from composer import Trainer
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from transformers import AutoTokenizer
+
+    from cpt.io import storage
+    from cpt.model import CptPythia, save_tiny_pythia
+    from cpt.run import checkpoints
+    from cpt.run.upload import CheckpointUpload
+
+    src = save_tiny_pythia(str(tmp_path / "step143000"), seed=3, seq_len=128)
+    save, staging = f"{s3_bucket}/runs/fsdp/checkpoints", str(tmp_path / "staging")
+
+    def trainer(duration: str, load_path: str | None = None) -> Trainer:
+        model = CptPythia(
+            tokenizer=AutoTokenizer.from_pretrained(src, pad_token="<|padding|>"),
+            pretrained_model_name_or_path=src,
+            pretrained=True,
+            attn_implementation="sdpa",
+            use_train_metrics=False,
+        )
+        return Trainer(
+            model=model,
+            train_dataloader=torch.utils.data.DataLoader(RandomTokens(96, 128, 0), batch_size=8),
+            optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1),
+            max_duration=duration,
+            device="gpu",
+            precision="amp_bf16",
+            parallelism_config={
+                "fsdp": {"sharding_strategy": "FULL_SHARD", "mixed_precision": "PURE", "state_dict_type": "sharded"}
+            },
+            save_folder=staging,
+            save_filename=checkpoints.SAVE_FILENAME,
+            save_interval="4ba",
+            save_num_checkpoints_to_keep=-1,
+            callbacks=[CheckpointUpload(save, staging, keep=0, sharded=True)],
+            load_path=load_path,
+            progress_bar=False,
+            log_to_console=False,
+        )
+
+    def weights(t: Trainer) -> dict:
+        full = get_model_state_dict(t.state.model, options=StateDictOptions(full_state_dict=True))
+        return {k: v.detach().float().cpu() for k, v in full.items()}
+
+    first = trainer("8ba")
+    first.fit()
+    trained = weights(first)
+    assert [b for b, _ in checkpoints.checkpoints(save)] == [8, 4]
+    assert checkpoints.MARKER in storage.list_prefix(f"{save}/ep0-ba8")
+    resume = checkpoints.find_resume(save, str(tmp_path / "cache"))
+    assert resume is not None and resume.sharded and resume.batch == 8
+
+    second = trainer("12ba", load_path=resume.name)
+    assert int(second.state.timestamp.batch) == 8
+    loaded = weights(second)
+    assert loaded.keys() == trained.keys() and all(torch.equal(loaded[k], trained[k]) for k in trained)
+    second.fit()
+    assert [b for b, _ in checkpoints.checkpoints(save)] == [12, 8, 4]

@@ -236,7 +236,7 @@ def test_an_outage_beyond_the_limit_fails_clearly_and_keeps_the_last_good_checkp
     assert "checkpoint upload failed" in out and "ep0-ba8-rank0.pt" in out
     assert "S3 unreachable" in out and "longer than the retry limit of 3s" in out
     assert [b for b, _ in checkpoints(run)] == [4]  # the last good checkpoint is there, and nothing partial
-    assert find_resume(run, str(setup / "cache" / "limit-check")).endswith("ep0-ba4-rank0.pt")
+    assert find_resume(run, str(setup / "cache" / "limit-check")).name.endswith("ep0-ba4-rank0.pt")
     finish(launch(setup, "limit", run))  # the same command, once S3 is back, resumes and finishes
     assert_same_end(reference, run, setup)
 
@@ -252,7 +252,7 @@ def test_corrupt_newest_checkpoint_falls_back(setup, s3_bucket, tmp_path, caplog
     storage.write_bytes(f"{folder}/ep0-ba8-rank0.pt", bytes(data))
     with caplog.at_level("WARNING"):
         got = find_resume(folder, str(tmp_path / "cache"))
-    assert got is not None and got.endswith("ep0-ba4-rank0.pt")
+    assert got is not None and got.name.endswith("ep0-ba4-rank0.pt")
     assert "skipping corrupt checkpoint" in caplog.text and "ep0-ba8-rank0.pt" in caplog.text
     assert find_resume(f"{s3_bucket}/runs/empty", str(tmp_path / "cache2")) is None
 

@@ -21,6 +21,9 @@ class ManifestError(ValueError):
     """A manifest is missing or malformed; the message names its path and key."""
 
 
+SLUG = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")  # what slugify makes; nothing else names a domain's folder
+
+
 def slugify(name: str) -> str:
     """``"Pile-CC"`` -> ``"pile-cc"``, ``"Gutenberg (PG-19)"`` -> ``"gutenberg-pg-19"``."""
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
@@ -126,6 +129,9 @@ def read(split_root: str) -> Manifest:
             domains[name] = DomainStats(**stats)
         except TypeError as exc:
             raise ManifestError(f"{path}: domains.{name}: {exc}") from exc
+        slug = domains[name].slug
+        if not isinstance(slug, str) or not SLUG.fullmatch(slug):  # it becomes a folder name in local caches
+            raise ManifestError(f"{path}: domains.{name}.slug {slug!r} is not a slug (lower-case letters, digits, -)")
     manifest = Manifest(
         split=raw.get("split", ""),
         seq_len=raw["seq_len"],

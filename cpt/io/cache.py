@@ -51,6 +51,7 @@ def mirror(url: str, kind: str, check: Callable[[list[str]], None] | None = None
     files, record = os.path.join(home, "files"), os.path.join(home, "listing.json")
     with locked(home):
         now = storage.listing(url)
+        targets = {key: storage.local_path(os.path.join(home, "files.tmp"), key, url) for key in now}
         if check is not None:
             check(sorted(now))
         if os.path.isfile(record) and os.path.isdir(files):
@@ -62,7 +63,7 @@ def mirror(url: str, kind: str, check: Callable[[list[str]], None] | None = None
         tmp = os.path.join(home, "files.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         for key in sorted(now):
-            storage.download_file(storage.join(url, key), os.path.join(tmp, key))
+            storage.download_file(storage.join(url, key), targets[key])
         if os.path.exists(record):
             os.remove(record)  # no record while files are swapped: an interrupted swap is fetched again
         shutil.rmtree(files, ignore_errors=True)

@@ -119,6 +119,17 @@ def s3_client():
     return clients[endpoint]
 
 
+def local_path(root: str, key: str, what: str) -> str:
+    """``root/key`` for a key read from a listing or a file, refused (``StorageError`` naming it) when it would
+    land outside ``root``: ``..`` or ``.`` segments, an absolute path, empty segments, a backslash or NUL."""
+    parts = key.split("/")
+    bad = not key or key.startswith("/") or "\\" in key or "\0" in key or any(p in ("", ".", "..") for p in parts)
+    path = os.path.normpath(os.path.join(root, *parts)) if not bad else ""
+    if bad or os.path.commonpath([os.path.abspath(root), os.path.abspath(path)]) != os.path.abspath(root):
+        raise StorageError(f"{what}: refusing the key {key!r}: it would be written outside {root}")
+    return path
+
+
 def join(base: str, *parts: str) -> str:
     if is_s3(base):
         return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])

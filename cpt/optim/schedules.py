@@ -174,7 +174,11 @@ class Clock:
 
 
 def parse_duration(value: str | int | float, name: str) -> tuple[float, str]:
-    """``"0.01dur"`` -> ``(0.01, "dur")``; a bare number is batches. Raises ``ValueError`` naming ``name``."""
+    """``"0.01dur"`` -> ``(0.01, "dur")``; a bare number is batches. Raises ``ValueError`` naming ``name``.
+
+    Strings are parsed by Composer's ``Time.from_timestring``; only ``tok``, ``ba`` and ``dur`` are accepted."""
+    from composer.core import Time
+
     if isinstance(value, bool):
         raise ValueError(f"{name}={value!r} is not a duration")
     if isinstance(value, int | float):
@@ -185,7 +189,7 @@ def parse_duration(value: str | int | float, name: str) -> tuple[float, str]:
         if unit is None:
             raise ValueError(f"{name}={value!r} has no known unit: use one of {', '.join(UNITS)} (e.g. '500ba')")
         try:
-            amount = float(text[: -len(unit)].replace("_", ""))
+            amount = float(Time.from_timestring(text).value)
         except ValueError as exc:
             raise ValueError(f"{name}={value!r} is not a number followed by a unit") from exc
     if not math.isfinite(amount) or amount < 0:

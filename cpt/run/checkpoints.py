@@ -11,8 +11,10 @@ This module is the one place that knows how a checkpoint is named. cpt sets Comp
 Only direct children of the save folder count: a checkpoint copied into a subfolder (``keep/``) is neither
 resumed from nor pruned. The resume rule: the newest checkpoint that is intact (monolithic: every zip member
 passes its CRC; sharded: the marker is there and every file matches it), falling back past broken ones with
-a warning. Composer's own autoresume is not used: it follows a ``latest`` pointer uploaded about 30 s late,
-downloads into ``./s3:/...`` and never deletes remote checkpoints.
+a warning. The one chosen must also load with ``weights_only=True`` (``cpt.io.safe_load``), or the launch
+stops naming it: a checkpoint that asks to run code is never handed to Composer. Composer's own autoresume
+is not used: it follows a ``latest`` pointer uploaded about 30 s late, downloads into ``./s3:/...`` and never
+deletes remote checkpoints.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import shutil
 import zipfile
 from dataclasses import dataclass
 
-from cpt.io import storage
+from cpt.io import safe_load, storage
 from cpt.io.cache import locked
 
 log = logging.getLogger(__name__)
@@ -89,12 +91,6 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def marker_for(folder: str, world_size: int) -> dict:
-    """The completion marker of a local sharded checkpoint folder: every file's size and sha256."""
-    files = sorted(n for n in os.listdir(folder) if n == METADATA or _SHARD_FILE.match(n))
-    return {"world_size": world_size, "files": {n: _describe(os.path.join(folder, n)) for n in files}}
-
-
 def _describe(path: str) -> dict:
     return {"bytes": os.path.getsize(path), "sha256": sha256_file(path)}
 
@@ -115,6 +111,9 @@ def _fetch_sharded(save_folder: str, name: str, cache: str) -> tuple[str | None,
     if marker is None:
         return None, f"it has no completion marker ({MARKER}): it was not fully written or uploaded"
     files = marker.get("files", {})
+    strays = sorted(n for n in files if n != METADATA and not _SHARD_FILE.match(str(n)))
+    if strays:
+        return None, f"its marker lists {strays[0]!r}, which is not a file of a sharded checkpoint"
     ranks = {int(m.group(1)) for n in files if (m := _SHARD_FILE.match(n))}
     if METADATA not in files or ranks != set(range(int(marker.get("world_size", -1)))):
         return None, f"its marker lists no {METADATA} or not one shard per rank"
@@ -155,6 +154,7 @@ def find_resume(save_folder: str, cache: str) -> Checkpoint | None:
                     if not storage.is_s3(save_folder):
                         os.replace(local, local + ".corrupt")
                     continue
+            safe_load.check(local)  # Composer unpickles without restriction: only a file that passes reaches it
             log.info("resuming from %s (batch %d)", url, ck.batch)
             return Checkpoint(ck.batch, local, ck.sharded)
     return None

@@ -19,7 +19,7 @@ from cpt.config import Checked, ConfigError
 from cpt.data import mixture
 from cpt.data.manifest import Manifest
 from cpt.eval import domains
-from cpt.io import storage
+from cpt.io import safe_load, storage
 from cpt.io.cache import cache_dir
 from cpt.run import checkpoints, faults
 from cpt.run.checkpoints import Checkpoint
@@ -80,7 +80,7 @@ class Plan:
             run_dir=os.path.join(section.run_dir, checked.run_name),
             cache=cache,
             staging=os.path.join(cache, "staging") if staged else None,
-            resume=checkpoints.find_resume(save, os.path.join(cache, "checkpoints")) if save else None,
+            resume=_resume_point(save, cache, path),
             lock=save,
         )
 
@@ -167,3 +167,12 @@ class Plan:
         where = self.checked.save_folder or "no save folder"
         start = f"resumes from batch {self.resume.batch}" if self.resume else "starts from the base weights"
         return f"{self.checked.run_name}: {start} ({self.model_dir}); checkpoints in {where}"
+
+
+def _resume_point(save_folder: str | None, cache: str, path: str) -> Checkpoint | None:
+    if not save_folder:
+        return None
+    try:
+        return checkpoints.find_resume(save_folder, os.path.join(cache, "checkpoints"))
+    except safe_load.UnsafeCheckpointError as exc:
+        raise ConfigError(f"{path}: save_folder: {exc}") from exc

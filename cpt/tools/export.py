@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 import tempfile
 
-from cpt.io import storage
+from cpt.io import safe_load, storage
 
 
 def export(checkpoint: str, out: str) -> str:
     """Write ``out`` (local or ``s3://``) as a ``GPTNeoXForCausalLM`` folder with Pythia's tokenizer; returns it."""
     import torch
+    from composer.models.huggingface import get_hf_config_from_composer_state_dict
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     from cpt.model import save_tokenizer
@@ -29,18 +30,20 @@ def export(checkpoint: str, out: str) -> str:
 
             if not os.path.isfile(os.path.join(local, ".metadata")):
                 raise FileNotFoundError(f"{checkpoint}: a folder, but not a sharded checkpoint (no .metadata)")
+            safe_load.check(local)  # dcp_to_torch_save unpickles without restriction: only what passes
             dcp_to_torch_save(local, os.path.join(tmp, "gathered.pt"))
             local = os.path.join(tmp, "gathered.pt")
-        state = torch.load(local, map_location="cpu", weights_only=False)["state"]
-    try:
-        hf_config = state["integrations"]["huggingface"]["model"]["config"]["content"]
-    except KeyError as exc:
-        raise ValueError(
-            f"{checkpoint}: not a checkpoint of a Hugging Face model (no integrations.huggingface)"
-        ) from exc
-    config = GPTNeoXConfig.from_dict({k: v for k, v in hf_config.items() if not k.startswith("_")})
+        state = safe_load.load(local)["state"]
+    if "huggingface" not in state.get("integrations", {}):
+        raise ValueError(f"{checkpoint}: not a checkpoint of a Hugging Face model (no integrations.huggingface)")
+    # Composer's own reading of the HF config it stored; its writer is not used: it writes pickled
+    # pytorch_model.bin (and reads with weights_only=False), where the export is safetensors
+    config = get_hf_config_from_composer_state_dict({"state": state})
+    if not isinstance(config, GPTNeoXConfig):
+        raise ValueError(f"{checkpoint}: a {type(config).__name__} checkpoint, not GPT-NeoX (Pythia)")
     model = GPTNeoXForCausalLM(config)
-    weights = {k.removeprefix("model."): v for k, v in state["model"].items()}
+    weights = dict(state["model"])
+    torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(weights, prefix="model.")
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or [k for k in unexpected if not k.endswith("rotary_emb.inv_freq")]:
         raise ValueError(
@@ -66,6 +69,7 @@ def _fetch(checkpoint: str, tmp: str) -> str:
     if not keys:
         raise FileNotFoundError(f"checkpoint not found: {checkpoint} holds no objects")
     folder = os.path.join(tmp, "sharded")
+    targets = {key: storage.local_path(folder, key, checkpoint) for key in keys}  # all checked, then fetched
     for key in keys:
-        storage.download_file(storage.join(checkpoint, key), os.path.join(folder, key))
+        storage.download_file(storage.join(checkpoint, key), targets[key])
     return folder

@@ -185,7 +185,7 @@ def quickstart(
     work = os.path.abspath(work)
     os.makedirs(work, exist_ok=True)
     root = s3 or work
-    tok = os.path.join(os.path.dirname(__file__), "assets", "tokenizer.json")
+    tok = synthetic.TOKENIZER  # Pythia's, shipped in cpt/assets
     print("1/4 generating and converting upstream and downstream text", flush=True)
     for name, styles, seed in (("upstream", UPSTREAM, 1), ("downstream", DOWNSTREAM, 2)):
         for split, docs in (("train", 600), ("val", 60)):

@@ -1,0 +1,61 @@
+"""The code's shape: no import cycles between cpt's modules, and the README's layout names every module."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "cpt"
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for path in sorted(PKG.rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def imports(path: Path, known: set[str]) -> set[str]:
+    """cpt modules that ``path`` imports anywhere (top level or inside a function)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name in known}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "cpt":
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if sub in known else node.module)
+    return found
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    mods = modules()
+    graph = {name: imports(path, set(mods)) - {name} for name, path in mods.items()}
+    cycles = []
+
+    def visit(node: str, stack: list[str], done: set[str]) -> None:
+        for nxt in sorted(graph[node]):
+            if nxt in stack:
+                cycles.append(stack[stack.index(nxt) :] + [nxt])
+            elif nxt not in done:
+                visit(nxt, stack + [nxt], done)
+        done.add(node)
+
+    done: set[str] = set()
+    for name in sorted(graph):
+        if name not in done:
+            visit(name, [name], done)
+    assert not cycles, [" -> ".join(c) for c in cycles[:5]]
+    assert "cpt.config" in graph["cpt.optim.preview"] and "cpt.optim.preview" not in graph["cpt.config"]
+
+
+def test_readme_layout_names_every_module():
+    text = (ROOT / "README.md").read_text()
+    layout = text[text.index("## Layout") :]
+    named = set(re.findall(r"`(cpt/[\w/]+\.py)`", layout))
+    files = {str(p.relative_to(ROOT)) for p in PKG.rglob("*.py") if p.name != "__init__.py"}
+    assert not files - named, f"modules missing from README's layout: {sorted(files - named)}"
+    assert not named - files, f"README's layout names modules that do not exist: {sorted(named - files)}"
