@@ -11,7 +11,11 @@ same numerator: the document tokens of the same texts (EOS excluded).
 - cpt: ``cpt.data.convert.convert`` from ``.jsonl.zst`` on a loopback S3 server to MDS on that server
   (decompression, tokenization, packing, hashing and upload included).
 
-Then peak memory of cpt's conversion at 1x, 4x and 16x the input, to show it stays flat.
+Then peak memory of cpt's conversion at 1x, 4x and 16x the input, to show it stays flat, and on a file
+with one huge line (64 MB, skipped as ``too_large`` under the default ``--max-doc-bytes``; and one just
+under that limit, which is tokenized): a worker's memory is bounded by the limit, not by the input.
+
+    python benchmarks/convert.py --huge-only     # the huge-line figures alone (no real sample needed)
 """
 
 from __future__ import annotations
@@ -55,7 +59,8 @@ PEAK = """
 import json, resource, sys, time
 from cpt.data.convert import convert
 t = time.perf_counter()
-r = convert(sys.argv[1:-1], sys.argv[-1], "train", "{tok}", "{key}", workers={workers}, progress=False)
+r = convert(sys.argv[1:-1], sys.argv[-1], "train", "{tok}", "{key}", workers={workers}, progress=False,
+            skip_bad_lines=True)
 self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
 print(json.dumps({{"tokens": r.tokens, "seconds": time.perf_counter() - t, "main_mb": self_kb / 1024,
@@ -74,7 +79,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--copies", type=int, default=16)
     ap.add_argument("--workers", type=int, default=os.cpu_count())
+    ap.add_argument("--huge-only", action="store_true", help="only the huge-line memory figures")
     args = ap.parse_args()
+    if args.huge_only:
+        huge_lines(Path(tempfile.mkdtemp(prefix="cpt-bench-")), max(2, args.workers))
+        return
     if not SAMPLE.is_file():
         sys.exit(f"the real sample is missing: {SAMPLE}")
     import zstandard
@@ -152,6 +161,27 @@ def main() -> None:
     for copies in (1, 4, 16):
         r = run_py(code, *_copies(plain, copies), str(tmp / f"peak-{copies}"))[-1]
         print(f"{copies:>7}x {r['tokens']:>12,} {r['seconds']:>8.1f} {r['main_mb']:>13.0f} {r['worker_mb']:>15.0f}")
+    huge_lines(tmp, max(2, args.workers))
+
+
+def huge_lines(tmp: Path, workers: int) -> None:
+    """Worker peak memory on a file of small documents plus one huge line (spawned workers: ``workers >= 2``)."""
+    from cpt.data.convert import MAX_DOC_BYTES
+
+    code = PEAK.format(tok=TOKENIZER, key=KEY, workers=workers)
+    small = "".join(
+        json.dumps({"text": f"document {i} " + "some ordinary words " * 50, "meta": {"redpajama_set_name": "A"}}) + "\n"
+        for i in range(2000)
+    )
+    print(f"\n{'file':<44} {'tokens':>12} {'seconds':>8} {'worker peak MB':>15}")
+    for label, size in (("small docs only", 0), ("+ one line just under the limit", MAX_DOC_BYTES - 4096),
+                        ("+ one 64 MB line (skipped: too_large)", 64 << 20)):  # fmt: skip
+        path = tmp / f"huge-{size}.jsonl"
+        words = "word " * max(0, (size - 64) // 5)
+        line = json.dumps({"text": words, "meta": {"redpajama_set_name": "A"}}) + "\n" if size else ""
+        path.write_text(small + line)
+        r = run_py(code, str(path), str(tmp / f"huge-out-{size}"))[-1]
+        print(f"{label:<44} {r['tokens']:>12,} {r['seconds']:>8.1f} {r['worker_mb']:>15.0f}")
 
 
 def _copies(plain: Path, copies: int) -> list[str]:

@@ -77,7 +77,11 @@ def _report(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from cpt.tools.export import export
 
-    print(f"wrote {export(args.checkpoint, args.out)}")
+    try:
+        print(f"wrote {export(args.checkpoint, args.out)}")
+    except (ValueError, FileNotFoundError) as exc:  # an unsafe, missing or foreign checkpoint, named
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

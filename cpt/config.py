@@ -28,6 +28,7 @@ REFUSED = {  # llm-foundry keys that cpt decides itself, and why
     "pruning find them)",
     "save_num_checkpoints_to_keep": "save_num_checkpoints_to_keep is cpt's: set cpt.keep_checkpoints",
     "autoresume": "autoresume is cpt's: a run resumes from save_folder by itself whenever it holds a checkpoint",
+    "log_config": "log_config is cpt's: the run prints and logs its config with secrets masked",
     "load_path": "load_path restores an optimizer and an old LR; a CPT run loads the base weights from cpt.model, "
     "and resumes from save_folder by itself",
 }

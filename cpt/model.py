@@ -29,8 +29,57 @@ def resolve_folder(spec: str) -> str:
 
 
 def read_config(folder: str) -> dict:
-    with open(os.path.join(folder, "config.json")) as fh:
-        return json.load(fh)
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path) as fh:
+            cfg = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cpt.model: cannot read {path}: {exc}") from exc
+    if not isinstance(cfg, dict):
+        raise ValueError(f"cpt.model: {path} is not a JSON object")
+    return cfg
+
+
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+PAD = "<|padding|>"  # Pythia's pad token; never EOS, which stays in the loss
+
+
+def check_folder(folder: str, spec: str, trust_remote_code: bool = False, need_weights: bool = True) -> None:
+    """The model folder before step 0: its config, its weights, a tokenizer with EOS and pad, and no code of
+    its own unless ``trust_remote_code``. Raises ``ValueError`` naming ``spec`` (the folder as configured)."""
+    code = sorted(f for f in os.listdir(folder) if f.endswith(".py"))
+    for name in ("config.json", "tokenizer_config.json"):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        data = read_config(folder) if name == "config.json" else _json(path, spec)
+        if data.get("auto_map") and not trust_remote_code:
+            raise ValueError(
+                f"cpt.model: {spec}/{name} has an auto_map ({data['auto_map']}): loading it would run the "
+                f"folder's own Python code ({', '.join(code) or 'fetched by name'}). cpt refuses that unless "
+                "cpt.trust_remote_code: true"
+            )
+    if need_weights and not any(os.path.isfile(os.path.join(folder, w)) for w in WEIGHTS):
+        raise ValueError(f"cpt.model: {spec} holds no weights (none of {', '.join(WEIGHTS)})")
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - whatever transformers raises, name the folder
+        raise ValueError(f"cpt.model: {spec} has no usable tokenizer: {type(exc).__name__}: {exc}") from exc
+    if tok.eos_token_id is None:
+        raise ValueError(f"cpt.model: {spec}'s tokenizer has no EOS token (documents are separated by it)")
+    if tok.convert_tokens_to_ids(PAD) in (None, tok.unk_token_id) and PAD not in tok.get_vocab():
+        raise ValueError(f"cpt.model: {spec}'s tokenizer has no {PAD} token (the pad token cpt uses)")
+
+
+def _json(path: str, spec: str) -> dict:
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cpt.model: cannot read {path} ({spec}): {exc}") from exc
+    return data if isinstance(data, dict) else {}
 
 
 def flops_per_token(cfg: dict, seq_len: int) -> float:

@@ -17,6 +17,7 @@ import shutil
 import sys
 
 from cpt import config
+from cpt.io import storage
 from cpt.run import cleanup, lock
 from cpt.run.plan import Plan
 
@@ -62,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     except lock.RunLockError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    except storage.StorageError as exc:  # a bucket that cannot be reached or written, named
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except FileExistsError as exc:
         if not cleanup.is_streaming_segment(exc.filename or ""):
             raise

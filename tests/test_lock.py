@@ -1,9 +1,13 @@
-"""The run lock's heartbeat thread: no error of any kind ends it silently."""
+"""The run lock: exactly one of several launches started together takes it; its heartbeat never dies silently."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
+
+import pytest
 
 from cpt.io import storage
 from cpt.run import lock
@@ -19,6 +23,7 @@ def test_heartbeat_survives_an_error_that_is_not_a_storage_error(tmp_path, monke
             raise ValueError("a bug in the heartbeat, not an S3 error")
         real(save_folder)
 
+    lock.acquire(folder)
     monkeypatch.setattr(lock, "heartbeat", flaky)
     beat = lock.RunLock(folder, every_s=0.05)
     with caplog.at_level("WARNING"):
@@ -44,3 +49,39 @@ def test_an_error_escaping_a_background_thread_is_logged(caplog):
     with caplog.at_level("ERROR"):
         threads.start("cpt-test-thread", broken).join(timeout=10)
     assert "background thread cpt-test-thread stopped on an error" in caplog.text and "KeyError" in caplog.text
+
+
+RACER = """
+import sys, time
+from cpt.run import lock
+base, trials, start = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+for k in range(trials):
+    while time.time() < start + k:  # every racer is released at the same instant
+        time.sleep(0.0005)
+    try:
+        lock.acquire(f"{base}/trial{k}")
+        print(k, "took", flush=True)
+    except lock.RunLockError:
+        print(k, "refused", flush=True)
+"""
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_of_launches_released_together_exactly_one_takes_the_lock(where, tmp_path, s3_bucket):
+    base = str(tmp_path / "runs") if where == "local" else f"{s3_bucket}/runs"
+    trials, racers = 10, 4
+    start = time.time() + 8  # after every racer has imported the stack
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACER, base, str(trials), str(start)], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(racers)
+    ]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    takes = {k: 0 for k in range(trials)}
+    for out in outs:
+        for line in out.splitlines():
+            k, what = line.split()
+            takes[int(k)] += what == "took"
+    assert takes == {k: 1 for k in range(trials)}, takes

@@ -8,7 +8,7 @@ import os
 import sys
 
 from cpt.data import sources
-from cpt.data.convert import DOMAIN_KEYS, SPLITS, convert
+from cpt.data.convert import DOMAIN_KEYS, MAX_DOC_BYTES, SPLITS, convert
 from cpt.io import storage
 
 
@@ -48,6 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser, corpus: str | None) -> None:
         action="store_true",
         help="count bad lines by reason in the manifest instead of stopping at the first",
     )
+    parser.add_argument(
+        "--max-doc-bytes",
+        type=int,
+        default=MAX_DOC_BYTES,
+        help=f"a longer JSON line is skipped as too_large, or stops the run (default: {MAX_DOC_BYTES:,}); keeps a "
+        "worker's memory bounded",
+    )
     parser.add_argument("--shard-size", default="64mb", help="MDS shard size limit (default: 64mb)")
     parser.add_argument("--compression", default=None, help="MDS shard compression, e.g. zstd (default: none)")
     parser.add_argument("--no-progress", action="store_true", help="do not draw the progress bar")
@@ -68,6 +75,7 @@ def run(args: argparse.Namespace, corpus: str) -> int:
             size_limit=args.shard_size,
             compression=args.compression,
             progress=not args.no_progress,
+            max_doc_bytes=args.max_doc_bytes,
         )
     except (sources.InputError, storage.StorageError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

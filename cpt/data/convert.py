@@ -67,6 +67,10 @@ class ConvertResult:
         return sum(d.samples for d in self.manifest.domains.values())
 
 
+MAX_DOC_BYTES = 16 << 20  # a longer JSON line is skipped ("too_large") or stops the run: memory stays bounded
+MAX_SLUG = 100  # characters in a domain's folder name
+
+
 @dataclass
 class _FileTask:
     index: int
@@ -75,12 +79,19 @@ class _FileTask:
     tokenizer: str
     domain_key: str
     skip_bad_lines: bool
+    max_doc_bytes: int = MAX_DOC_BYTES
 
 
 @dataclass
 class _FileResult:
     domains: dict[str, dict] = field(default_factory=dict)  # name -> DomainStats as dict
     unattributed_skipped: dict[str, int] = field(default_factory=dict)
+    first_lines: dict[str, int] = field(default_factory=dict)  # name -> the line it first appeared on
+
+
+def _part_name(domain: str) -> str:
+    """A domain's token file in a file's work folder: by its name, so that two names never share one."""
+    return hashlib.sha256(domain.encode("utf-8", "surrogatepass")).hexdigest()[:16] + ".bin"
 
 
 def convert(
@@ -96,6 +107,7 @@ def convert(
     compression: str | None = None,
     work_dir: str | None = None,
     progress: bool = True,
+    max_doc_bytes: int = MAX_DOC_BYTES,
 ) -> ConvertResult:
     """Convert JSONL files into ``<output>/<split>/<domain-slug>/`` MDS datasets plus a merged index.
 
@@ -112,6 +124,8 @@ def convert(
     workers = workers or os.cpu_count() or 1
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if max_doc_bytes < 1:
+        raise ValueError(f"max_doc_bytes must be >= 1, got {max_doc_bytes}")
 
     info = describe_tokenizer(tokenizer)
     files = storage.match_inputs(inputs)
@@ -122,14 +136,14 @@ def convert(
     sizes = [storage.size(p) for p in files]
 
     job = hashlib.sha256(
-        json.dumps([split_root, info.sha256, domain_key, skip_bad_lines, seq_len]).encode()
+        json.dumps([split_root, info.sha256, domain_key, skip_bad_lines, seq_len, max_doc_bytes]).encode()
     ).hexdigest()[:16]
     work = work_dir or cache_dir("convert", job)
     os.makedirs(work, exist_ok=True)
     tasks = []
     for i, (path, nbytes) in enumerate(zip(files, sizes)):
         key = hashlib.sha256(f"{path}\0{nbytes}".encode()).hexdigest()[:16]
-        tasks.append(_FileTask(i, path, os.path.join(work, key), info.path, domain_key, skip_bad_lines))
+        tasks.append(_FileTask(i, path, os.path.join(work, key), info.path, domain_key, skip_bad_lines, max_doc_bytes))
 
     todo = [t for t in tasks if not os.path.isfile(os.path.join(t.out_dir, "done.json"))]
     log.info(
@@ -144,7 +158,7 @@ def convert(
         pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,))
     try:
         _run_tokenize(pool, queue, todo, workers, progress)
-        domains, unattributed = _gather(tasks)
+        domains, unattributed = _gather(tasks, skip_bad_lines)
         packed = _run_pack(pool, tasks, domains, split_root, seq_len, size_limit, compression)
     finally:
         pool.shutdown(cancel_futures=True)
@@ -168,22 +182,35 @@ def convert(
     return ConvertResult(split_root, manifest, len(todo), len(tasks) - len(todo), time.perf_counter() - start)
 
 
-def _gather(tasks: list[_FileTask]) -> tuple[dict[str, DomainStats], dict[str, int]]:
-    """Sum the per-file counts into per-domain stats; check that domain folder names are distinct."""
+def _gather(tasks: list[_FileTask], skip_bad_lines: bool) -> tuple[dict[str, DomainStats], dict[str, int]]:
+    """Sum the per-file counts into per-domain stats. Two names that share a folder name (each file checks its
+    own lines as it reads them; this is across files): the one that appears later is an error at its first
+    line, or, with ``skip_bad_lines``, its lines are counted as skipped (``domain_collision``)."""
     domains: dict[str, DomainStats] = {}
     unattributed: dict[str, int] = {}
+    first: dict[str, tuple[int, int, str]] = {}  # name -> (file index, line, path)
     for task in tasks:
         with open(os.path.join(task.out_dir, "done.json")) as fh:
             res = _FileResult(**json.load(fh))
         for name, stats in res.domains.items():
             domains.setdefault(name, DomainStats(slug=slugify(name))).merge(DomainStats(**stats))
+            where = (task.index, res.first_lines.get(name, 0), task.path)
+            first[name] = min(first.get(name, where), where)
         for reason, n in res.unattributed_skipped.items():
             unattributed[reason] = unattributed.get(reason, 0) + n
-    slugs: dict[str, str] = {}
-    for name, stats in sorted(domains.items()):
-        if stats.slug in slugs:
-            raise ValueError(f"domains {slugs[stats.slug]!r} and {name!r} share the folder name {stats.slug!r}")
-        slugs[stats.slug] = name
+    owner: dict[str, str] = {}
+    for name in sorted(domains, key=lambda n: first[n]):
+        slug = domains[name].slug
+        if slug not in owner:
+            owner[slug] = name
+            continue
+        _, line, path = first[name]
+        other = first[owner[slug]]
+        detail = f"domain {name!r} has the folder name {slug!r} of domain {owner[slug]!r} ({other[2]}:{other[1]})"
+        if not skip_bad_lines:
+            raise sources.InputError(path, line, "domain_collision", detail + " (use --skip-bad-lines to skip it)")
+        log.warning("%s:%d: %s; its %d lines are skipped", path, line, detail, domains[name].docs_read)
+        unattributed["domain_collision"] = unattributed.get("domain_collision", 0) + domains.pop(name).docs_read
     return domains, unattributed
 
 
@@ -256,8 +283,13 @@ def _lookup(obj: dict, dotted: str):
     return obj
 
 
-def _parse(path: str, lineno: int, raw: bytes, domain_key: str) -> tuple[str | None, str | None, str | None, str]:
-    """-> (domain, text, skip_reason, detail). ``text`` is None when the line is skipped."""
+def _parse(
+    raw: bytes, domain_key: str, max_doc_bytes: int, slugs: dict[str, str]
+) -> tuple[str | None, str | None, str | None, str]:
+    """-> (domain, text, skip_reason, detail). ``text`` is None when the line is skipped; ``domain`` is None when
+    the line names no usable domain. ``slugs`` maps the folder names taken so far to their domain names."""
+    if len(raw) > max_doc_bytes:
+        return None, None, "too_large", f"a line of more than {max_doc_bytes:,} bytes (--max-doc-bytes)"
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -268,16 +300,31 @@ def _parse(path: str, lineno: int, raw: bytes, domain_key: str) -> tuple[str | N
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
         return None, None, "malformed_json", f"malformed JSON: {exc.msg} at column {exc.colno}"
+    except (ValueError, RecursionError) as exc:  # numbers past Python's digit limit, nesting past its stack
+        return None, None, "malformed_json", f"JSON that cannot be read: {type(exc).__name__}: {str(exc)[:120]}"
     if not isinstance(obj, dict):
         return None, None, "malformed_json", f"expected a JSON object, got {type(obj).__name__}"
     domain = _lookup(obj, domain_key)
     if not isinstance(domain, str) or not domain:
         return None, None, "missing_domain", f"missing or non-string domain key {domain_key!r}"
+    try:
+        slug = slugify(domain)
+        domain.encode("utf-8")
+    except (ValueError, UnicodeEncodeError) as exc:
+        return None, None, "bad_domain", f"domain {domain[:80]!r}: {exc}"
+    if len(slug) > MAX_SLUG:
+        return None, None, "bad_domain", f"domain {domain[:80]!r}...: its folder name is over {MAX_SLUG} characters"
+    if slugs.get(slug, domain) != domain:
+        return None, None, "domain_collision", f"domain {domain!r} has the folder name {slug!r} of {slugs[slug]!r}"
     if "text" not in obj:
         return domain, None, "missing_text", "missing key 'text'"
     text = obj["text"]
     if not isinstance(text, str):
         return domain, None, "non_string_text", f"'text' is {type(text).__name__}, not a string"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate from a \ud800 escape: the tokenizer refuses it
+        return domain, None, "bad_text", f"text the tokenizer cannot take ({exc.reason} at character {exc.start})"
     if not text.strip():
         return domain, None, "empty", "empty document"
     return domain, text, None, ""
@@ -308,7 +355,7 @@ def _tokenize_file(task: _FileTask, threads: int) -> None:
             ids = np.asarray(enc.ids, dtype=np.uint16)
             fh = handles.get(domain)
             if fh is None:
-                fh = handles[domain] = open(os.path.join(tmp, f"{slugify(domain)}.bin"), "wb")
+                fh = handles[domain] = open(os.path.join(tmp, _part_name(domain)), "wb")
             fh.write(ids.tobytes())
             fh.write(eos.tobytes())
             stats[domain].tokens += len(ids) + 1
@@ -325,10 +372,14 @@ def _tokenize_file(task: _FileTask, threads: int) -> None:
             write(pending[0], pending[1].result())
         pending, batch, batch_bytes = submitted, [], 0
 
-    for lineno, raw in sources.iter_lines(task.path):
-        domain, text, reason, detail = _parse(task.path, lineno, raw, task.domain_key)
+    slugs: dict[str, str] = {}
+    for lineno, raw in sources.iter_lines(task.path, max_line_bytes=task.max_doc_bytes):
+        domain, text, reason, detail = _parse(raw, task.domain_key, task.max_doc_bytes, slugs)
         if domain is not None:
-            stats.setdefault(domain, DomainStats(slug=slugify(domain))).docs_read += 1
+            if domain not in stats:
+                stats[domain], result.first_lines[domain] = DomainStats(slug=slugify(domain)), lineno
+                slugs[stats[domain].slug] = domain
+            stats[domain].docs_read += 1
         if reason is not None:
             bad = reason not in ("empty", "blank_line")
             if bad and not task.skip_bad_lines:
@@ -363,7 +414,7 @@ def _tokenize_file(task: _FileTask, threads: int) -> None:
 def _run_pack(pool, tasks, domains, split_root, seq_len, size_limit, compression) -> dict[str, tuple[int, int]]:
     futures = {}
     for name, stats in sorted(domains.items()):
-        parts = [os.path.join(t.out_dir, f"{stats.slug}.bin") for t in tasks]
+        parts = [os.path.join(t.out_dir, _part_name(name)) for t in tasks]
         parts = [p for p in parts if os.path.isfile(p)]
         out = storage.join(split_root, stats.slug)
         futures[name] = pool.submit(_pack_domain, parts, out, seq_len, size_limit, compression)

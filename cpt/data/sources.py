@@ -28,18 +28,57 @@ def check_suffix(path: str) -> None:
         raise InputError(path, None, "unsupported_format", f"unsupported input format; expected one of {SUFFIXES}")
 
 
-def _decompressed(path: str, raw):
-    if path.endswith(".zst"):
+class _Zstd(io.RawIOBase):
+    """A ``.zst`` stream of one or more frames whose end is checked: input that stops inside a frame raises
+    ``EOFError`` (zstandard's own stream reader returns what it has and ends quietly)."""
+
+    def __init__(self, raw):
         import zstandard
 
-        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+        self.raw, self.make = raw, zstandard.ZstdDecompressor().decompressobj
+        self.dobj, self.pending, self.pos, self.fed = self.make(), b"", 0, False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        while self.pos >= len(self.pending):
+            chunk = self.raw.read(1 << 20)
+            if not chunk:
+                if self.fed and not self.dobj.eof:
+                    raise EOFError("the compressed input ends inside a zstd frame: the file is truncated")
+                return 0
+            out = []
+            while chunk:
+                self.fed = True
+                out.append(self.dobj.decompress(chunk))
+                chunk = b""
+                if self.dobj.eof:  # a frame ended: what follows starts the next one
+                    chunk, self.dobj, self.fed = self.dobj.unused_data, self.make(), False
+            self.pending, self.pos = b"".join(out), 0
+        n = min(len(buf), len(self.pending) - self.pos)
+        buf[:n] = memoryview(self.pending)[self.pos : self.pos + n]
+        self.pos += n
+        return n
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+def _decompressed(path: str, raw):
+    if path.endswith(".zst"):
+        return _Zstd(raw)
     if path.endswith(".gz"):
         return gzip.GzipFile(fileobj=raw)
     return raw
 
 
-def iter_lines(path: str) -> Iterator[tuple[int, bytes]]:
-    """Yield ``(line_number, raw_bytes)`` for every line, streamed; errors name the file."""
+def iter_lines(path: str, max_line_bytes: int | None = None) -> Iterator[tuple[int, bytes]]:
+    """Yield ``(line_number, raw_bytes)`` for every line, streamed; errors name the file.
+
+    A line longer than ``max_line_bytes`` is yielded cut to ``max_line_bytes + 1`` bytes (so a caller sees it is
+    too long) and the rest of it is read and dropped in pieces: memory stays bounded whatever the input."""
     check_suffix(path)
     try:
         raw = storage.open_binary(path)
@@ -48,9 +87,18 @@ def iter_lines(path: str) -> Iterator[tuple[int, bytes]]:
     lineno = 0
     try:
         with io.BufferedReader(_decompressed(path, raw), buffer_size=1 << 20) as stream:
-            for lineno, line in enumerate(stream, start=1):
+            limit = -1 if max_line_bytes is None else max_line_bytes + 1
+            while line := stream.readline(limit):
+                lineno += 1
+                if limit > 0 and len(line) == limit and not line.endswith(b"\n"):
+                    while (rest := stream.readline(1 << 20)) and not rest.endswith(b"\n"):
+                        pass
                 yield lineno, line
-    except (OSError, EOFError) as exc:
+    except EOFError as exc:  # gzip's, or _Zstd's: the file was cut; what came after the cut cannot be counted
+        raise InputError(
+            path, lineno + 1, "truncated_file", f"the compressed file is truncated after line {lineno} ({exc})"
+        ) from exc
+    except OSError as exc:
         raise InputError(path, lineno + 1, "unreadable_file", f"cannot read: {exc}") from exc
     except Exception as exc:  # zstandard raises its own ZstdError
         if type(exc).__name__ == "ZstdError":

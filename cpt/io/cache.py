@@ -31,11 +31,19 @@ def cache_dir(*parts: str) -> str:
 
 @contextmanager
 def locked(folder: str):
-    """An exclusive file lock on ``folder`` (ranks on one node that share a cache take turns)."""
+    """An exclusive file lock on ``folder`` (ranks on one node that share a cache take turns). The lock file is
+    opened without following a symlink and without truncating: a planted ``.lock`` link fails, harming nothing."""
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, ".lock"), "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    path = os.path.join(folder, ".lock")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        raise storage.StorageError(f"cannot lock {folder}: {path} is a symlink or not a file ({exc.strerror})") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
+    finally:
+        os.close(fd)
 
 
 def mirror(url: str, kind: str, check: Callable[[list[str]], None] | None = None) -> str:

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlparse
 
+from cpt.io import redact
+
 S3 = "s3://"
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -83,14 +85,16 @@ def _s3(what: str, call: Callable[[], T]) -> T:
         except (BotoCoreError, ClientError, Boto3Error) as exc:
             waited = time.monotonic() - start
             if not _transient(exc):
-                raise StorageError(f"{what}: {exc}") from exc
+                raise StorageError(redact.text(f"{what}: {exc}")) from exc
             if waited >= limit:
                 raise StorageError(
-                    f"{what}: S3 unreachable for {waited:.0f}s, longer than the retry limit of {limit:.0f}s "
-                    f"(cpt.s3_retry_s); last error: {exc}"
+                    redact.text(
+                        f"{what}: S3 unreachable for {waited:.0f}s, longer than the retry limit of {limit:.0f}s "
+                        f"(cpt.s3_retry_s); last error: {exc}"
+                    )
                 ) from exc
             pause = min(delay, 8.0, limit - waited)
-            log.warning("%s: %s; retrying in %.1fs (gives up after %.0fs)", what, exc, pause, limit)
+            log.warning("%s; retrying in %.1fs (gives up after %.0fs)", redact.text(f"{what}: {exc}"), pause, limit)
             time.sleep(pause)
             delay *= 2
 
@@ -338,13 +342,128 @@ def write_bytes(path: str, data: bytes) -> None:
         _s3(f"cannot write {path}", lambda: s3_client().put_object(Bucket=bucket, Key=key, Body=data))
         return
     try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = f"{path}.tmp"
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
+        os.replace(_local_tmp(path, data), path)
     except OSError as exc:
         raise StorageError(f"cannot write {path}: {exc.strerror}") from exc
+
+
+def _local_tmp(path: str, data: bytes) -> str:
+    """``data`` in a new file beside ``path`` whose name no other writer uses."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    return tmp
+
+
+# ---- conditional writes: exactly one writer wins ---------------------------------------------------------
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    from botocore.exceptions import ClientError
+
+    code = exc.response.get("Error", {}).get("Code") if isinstance(exc, ClientError) else None
+    return code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
+
+
+def _local_version(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def create_new(path: str, data: bytes) -> str | None:
+    """Write ``path`` only if it does not exist; the new version, or None when it already existed.
+
+    S3: ``If-None-Match: *``. Locally: the content goes to a private temporary file that is hard-linked to
+    ``path`` (``link`` fails if ``path`` exists), so the file never appears half-written."""
+    if is_s3(path):
+        bucket, key = split_s3(path)
+
+        def call() -> str | None:
+            from botocore.exceptions import ClientError
+
+            try:
+                return s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")["ETag"]
+            except ClientError as exc:
+                if _precondition_failed(exc):
+                    return None
+                raise
+
+        return _s3(f"cannot create {path}", call)
+    try:
+        tmp = _local_tmp(path, data)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return None
+        finally:
+            os.remove(tmp)
+    except OSError as exc:
+        raise StorageError(f"cannot create {path}: {exc.strerror}") from exc
+    return _local_version(data)
+
+
+def read_versioned(path: str) -> tuple[bytes, str] | None:
+    """``(content, version)`` of ``path``, or None when it does not exist."""
+    if is_s3(path):
+        bucket, key = split_s3(path)
+
+        def call():
+            from botocore.exceptions import ClientError
+
+            try:
+                answer = s3_client().get_object(Bucket=bucket, Key=key)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return None
+                raise
+            return answer["Body"].read(), answer["ETag"]
+
+        return _s3(f"cannot read {path}", call)
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StorageError(f"cannot read {path}: {exc.strerror}") from exc
+    return data, _local_version(data)
+
+
+def replace_if(path: str, data: bytes, version: str) -> str | None:
+    """Overwrite ``path`` only if it is still at ``version``; the new version, or None when it changed.
+
+    S3: ``If-Match`` on the ETag. Locally: under an exclusive ``flock`` of ``<path>.flock`` (never followed
+    through a symlink), held by every cpt writer of that file."""
+    if is_s3(path):
+        bucket, key = split_s3(path)
+
+        def call() -> str | None:
+            from botocore.exceptions import ClientError
+
+            try:
+                return s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfMatch=version)["ETag"]
+            except ClientError as exc:
+                if _precondition_failed(exc) or exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+                    return None
+                raise
+
+        return _s3(f"cannot replace {path}", call)
+    import fcntl
+
+    try:
+        fd = os.open(f"{path}.flock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            now = read_versioned(path)
+            if now is None or now[1] != version:
+                return None
+            os.replace(_local_tmp(path, data), path)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise StorageError(f"cannot replace {path}: {exc.strerror}") from exc
+    return _local_version(data)
 
 
 def delete(path: str) -> None:

@@ -14,7 +14,8 @@ import os
 import threading
 from pathlib import Path
 
-from composer.core import Event, State
+import yaml
+from composer.core import Callback, Event, State
 from composer.loggers import Logger, LoggerDestination
 from composer.utils import dist
 
@@ -63,3 +64,16 @@ class MetricsJSONL(LoggerDestination):
             storage.write_bytes(storage.join(self.remote, "metrics.jsonl"), data)
         except Exception as exc:  # noqa: BLE001 - metrics stay local; training goes on; the next upload retries
             log.warning("could not upload metrics to %s: %r", self.remote, exc)
+
+
+class ConfigLog(Callback):
+    """Prints the run's config and logs it as hyperparameters, with secrets masked (``cpt.io.redact``); in
+    place of llm-foundry's ``log_config``, which prints every resolved value."""
+
+    def __init__(self, config: dict):
+        self.config = config
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        if dist.get_global_rank() == 0:
+            print(yaml.safe_dump(self.config, sort_keys=False, default_flow_style=None))
+            logger.log_hyperparameters(self.config)

@@ -12,14 +12,14 @@ import math
 import os
 from dataclasses import dataclass
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from cpt import config, model
 from cpt.config import Checked, ConfigError
 from cpt.data import mixture
 from cpt.data.manifest import Manifest
 from cpt.eval import domains
-from cpt.io import safe_load, storage
+from cpt.io import redact, safe_load, storage
 from cpt.io.cache import cache_dir
 from cpt.run import checkpoints, faults
 from cpt.run.checkpoints import Checkpoint
@@ -48,9 +48,10 @@ class Plan:
         storage.set_retry_limit(section.s3_retry_s)  # every S3 call of this process from here on
         try:
             model_dir = model.resolve_folder(section.model)
-        except (FileNotFoundError, OSError, storage.StorageError) as exc:
+            model.check_folder(model_dir, section.model, section.trust_remote_code, not section.from_scratch)
+            model_config = model.read_config(model_dir)
+        except (ValueError, OSError, storage.StorageError) as exc:
             raise ConfigError(f"{path}: {exc}") from exc
-        model_config = model.read_config(model_dir)
         if checked.seq_len > model_config.get("max_position_embeddings", checked.seq_len):
             raise ConfigError(
                 f"{path}: max_seq_len={checked.seq_len} is longer than the model's max_position_embeddings="
@@ -101,9 +102,17 @@ class Plan:
             "pretrained": not section.from_scratch,  # weights only: optimizer and clock start fresh
             "attn_implementation": "sdpa",
             "use_flash_attention_2": False,
+            "trust_remote_code": section.trust_remote_code,  # llm-foundry's default is True: never implicit
             "use_train_metrics": False,  # the train loss is logged anyway; metrics on 50k-vocab logits cost a pass
         }
-        out.tokenizer = {"name": self.model_dir, "kwargs": {"model_max_length": seq_len, "pad_token": "<|padding|>"}}
+        out.tokenizer = {
+            "name": self.model_dir,
+            "kwargs": {
+                "model_max_length": seq_len,
+                "pad_token": model.PAD,
+                "trust_remote_code": section.trust_remote_code,
+            },
+        }
         out.train_loader = mixture.train_loader(section, seq_len, self.cache)
         out.scheduler.tokens_per_batch = checked.clock.tokens_per_batch
         callbacks = dict(out.get("callbacks") or {})
@@ -159,8 +168,14 @@ class Plan:
             "fingerprint": self.fingerprint,
             "allow_change": section.allow_fingerprint_change,
         }
+        out.log_config = False  # llm-foundry's prints every resolved value: cpt_config_log masks secrets
         out.callbacks = callbacks
+        shown = OmegaConf.to_container(out, resolve=True)
+        out.callbacks["cpt_config_log"] = {"config": redact.config({**shown, "cpt": self._section_shown()})}
         return out
+
+    def _section_shown(self) -> dict:
+        return OmegaConf.to_container(self.checked.cfg.cpt, resolve=True)
 
     def describe(self) -> str:
         """One line for the log: what this launch does."""
@@ -174,5 +189,5 @@ def _resume_point(save_folder: str | None, cache: str, path: str) -> Checkpoint 
         return None
     try:
         return checkpoints.find_resume(save_folder, os.path.join(cache, "checkpoints"))
-    except safe_load.UnsafeCheckpointError as exc:
+    except (safe_load.UnsafeCheckpointError, storage.StorageError) as exc:
         raise ConfigError(f"{path}: save_folder: {exc}") from exc

@@ -8,20 +8,28 @@ save folder), and its full config is written to ``<out>/<run>.yaml``: the launch
 
 from __future__ import annotations
 
+import copy
 import os
+import shlex
 from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
 from cpt import config
-from cpt.config import ConfigError
+from cpt.config import SAFE_NAME, ConfigError
 
 
 @dataclass
 class SweepRun:
     name: str
-    cfg: DictConfig
+    cfg: DictConfig  # as written: interpolations (${oc.env:...} included) left for the run to resolve
     path: str  # where its config is written
+
+    def resolved(self) -> DictConfig:
+        """The config as the run will see it (for checks and previews; never written)."""
+        out = copy.deepcopy(self.cfg)
+        OmegaConf.resolve(out)
+        return out
 
 
 def load_group(path: str, out: str) -> list[SweepRun]:
@@ -37,6 +45,11 @@ def load_group(path: str, out: str) -> list[SweepRun]:
         raise ConfigError(f"{path}: base config {base} not found")
     runs = []
     for name, overrides in group["runs"].items():
+        if not SAFE_NAME.fullmatch(str(name)):
+            raise ConfigError(f"{path}: runs.{name}: a run name must be a plain name (letters, digits, '.', '_', '-')")
+        target = os.path.join(out, f"{name}.yaml")
+        if os.path.dirname(os.path.abspath(target)) != os.path.abspath(out):
+            raise ConfigError(f"{path}: runs.{name}: its config would be written outside {out}")
         cfg = OmegaConf.load(base)
         base_name = OmegaConf.select(cfg, "variables.run_name") or cfg.get("run_name", "run")
         if OmegaConf.select(cfg, "variables.run_name") is not None:
@@ -45,16 +58,18 @@ def load_group(path: str, out: str) -> list[SweepRun]:
             cfg.run_name = f"{base_name}-{name}"
         for key, value in (overrides or {}).items():
             OmegaConf.update(cfg, key, value, merge=False)
+        run = SweepRun(name, cfg, target)
         try:
-            OmegaConf.resolve(cfg)
+            run.resolved()
         except Exception as exc:
             raise ConfigError(f"{path}: runs.{name}: {exc}") from exc
-        runs.append(SweepRun(name, cfg, os.path.join(out, f"{name}.yaml")))
+        runs.append(run)
     return runs
 
 
 def launch_command(run: SweepRun, gpus: int) -> str:
-    return f"composer -n {gpus} -m cpt.train {run.path}"
+    """The exact command, shell-quoted: it is meant to be pasted as it is."""
+    return shlex.join(["composer", "-n", str(int(gpus)), "-m", "cpt.train", run.path])
 
 
 def sweep(path: str, out: str | None, gpus: int, dry_run: bool, png: str | None = None) -> list[SweepRun]:
@@ -66,7 +81,7 @@ def sweep(path: str, out: str | None, gpus: int, dry_run: bool, png: str | None 
         if dry_run:
             from cpt.optim.preview import describe, preview
 
-            previews.append(preview(config.check(run.cfg, f"{path}: runs.{run.name}"), run.name))
+            previews.append(preview(config.check(run.resolved(), f"{path}: runs.{run.name}"), run.name))
             print(describe(previews[-1]))
         os.makedirs(out, exist_ok=True)
         OmegaConf.save(run.cfg, run.path)
