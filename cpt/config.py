@@ -20,6 +20,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 from omegaconf import DictConfig, OmegaConf
 
 from cpt.io import storage
+from cpt.loss import IMPLS
 from cpt.optim import schedules
 
 OWNED = ("model", "tokenizer", "train_loader", "eval_loader", "eval_loaders")
@@ -63,6 +64,14 @@ class Eval:
 
 
 @dataclass
+class Loss:
+    """The training loss (``cpt.loss``): ``auto``, ``plain`` (full logits), ``chunked`` or ``liger``."""
+
+    impl: str = "auto"  # auto: liger on CUDA when installed, else chunked on CUDA; plain on the CPU
+    chunk: int = 8192  # tokens whose logits are held at once (chunked)
+
+
+@dataclass
 class Cpt:
     """The ``cpt:`` section of a train YAML."""
 
@@ -71,6 +80,7 @@ class Cpt:
     # Paper set-up: the base model's weights only, a fresh optimizer and a schedule clock at 0.
     from_scratch: bool = False  # same architecture, random initialisation (the from-scratch baseline)
     eval: Eval = field(default_factory=Eval)
+    loss: Loss = field(default_factory=Loss)
     num_canonical_nodes: int = 1  # pinned, so the data order does not depend on the number of GPUs
     shuffle_seed: int = 17
     num_workers: int = 8  # data loader workers per rank
@@ -317,6 +327,10 @@ def _check_values(cfg: DictConfig, section: Cpt, path: str) -> None:
     ):
         if value < low:
             fail(key, value, f"must be at least {low}")
+    if section.loss.impl not in IMPLS:
+        fail("cpt.loss.impl", section.loss.impl, f"must be one of {', '.join(IMPLS)}")
+    if section.loss.chunk < 1:
+        fail("cpt.loss.chunk", section.loss.chunk, "must be at least 1")
     if not _finite(section.s3_retry_s) or section.s3_retry_s <= 0:
         fail("cpt.s3_retry_s", section.s3_retry_s, "must be a positive number of seconds")
 

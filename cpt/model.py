@@ -95,20 +95,76 @@ def flops_per_token(cfg: dict, seq_len: int) -> float:
 
 
 @functools.cache
+def _hf_model_class():
+    """GPT-NeoX for causal LM whose forward can take its loss without the full logits (``cpt.loss``).
+
+    The loss is computed inside the model's own forward, so FSDP has gathered the output weight there. With
+    ``loss_impl`` ``plain`` it is Hugging Face's forward, unchanged."""
+    from dataclasses import dataclass
+
+    import torch
+    from transformers import GPTNeoXForCausalLM
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+    from transformers.utils import ModelOutput
+
+    from cpt import loss as fused
+
+    @dataclass
+    class SummedCrossEntropy(ModelOutput):
+        ce_sum: torch.Tensor | None = None  # summed over the tokens that count
+        tokens: torch.Tensor | None = None
+
+    class CptGPTNeoXForCausalLM(GPTNeoXForCausalLM):
+        loss_impl, loss_chunk = "plain", 8192
+
+        @classmethod
+        def from_config(cls, config, **kwargs):  # llm-foundry builds a from-scratch model with from_config
+            return cls._from_config(config, **kwargs)
+
+        def fused(self, device) -> str:
+            return fused.resolve(self.loss_impl, device)
+
+        def forward(self, input_ids=None, attention_mask=None, labels=None, cpt_sum_targets=None, **kwargs):
+            impl = self.fused(input_ids.device) if input_ids is not None else "plain"
+            if impl == "plain" or (labels is None and cpt_sum_targets is None):
+                return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+            hidden = self.gpt_neox(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+            weight = self.get_output_embeddings().weight
+            if labels is not None:
+                return CausalLMOutputWithPast(
+                    loss=fused.linear_cross_entropy(hidden, weight, labels, impl, self.loss_chunk)
+                )
+            total, tokens = fused.cross_entropy_sum(hidden, weight, cpt_sum_targets, self.loss_chunk)
+            return SummedCrossEntropy(ce_sum=total, tokens=tokens)
+
+    return CptGPTNeoXForCausalLM, SummedCrossEntropy
+
+
+@functools.cache
 def _composer_model_class():
     import torch
     from composer.metrics.nlp import LanguageCrossEntropy
     from llmfoundry.models.hf import ComposerHFCausalLM
 
+    from cpt import loss as fused
+
+    hf_class, summed = _hf_model_class()
+
     class CptPythia(ComposerHFCausalLM):
-        """llm-foundry's HF causal LM with FLOPs per batch (for throughput and MFU) and a cheaper evaluation.
+        """llm-foundry's HF causal LM with FLOPs per batch (for throughput and MFU), a cheaper evaluation and
+        the loss without the full logits (``loss_impl``, ``loss_chunk``: ``cpt.loss``).
 
         Evaluation logs ``LanguageCrossEntropy`` and ``LanguagePerplexity`` only, from one cross-entropy pass
-        per batch (Composer would run one pass per metric, plus an argmax for token accuracy).
+        per batch (Composer would run one pass per metric, plus an argmax for token accuracy); with a fused
+        loss, that pass runs chunk by chunk inside the model's forward.
         """
 
-        def __init__(self, *args, **kwargs):
+        model_cls = hf_class
+
+        def __init__(self, *args, loss_impl: str = "plain", loss_chunk: int = 8192, **kwargs):
+            fused.resolve(loss_impl, "cuda" if loss_impl == "liger" else "cpu")  # an unknown name fails now
             super().__init__(*args, **kwargs)
+            self.model.loss_impl, self.model.loss_chunk = loss_impl, int(loss_chunk)
             self.val_metrics = {k: v for k, v in self.val_metrics.items() if isinstance(v, LanguageCrossEntropy)}
             self._ce_cache = None
 
@@ -116,9 +172,20 @@ def _composer_model_class():
             ids = batch["input_ids"]
             return flops_per_token(self.model.config.to_dict(), ids.shape[1]) * ids.numel()
 
+        def eval_forward(self, batch, outputs=None):
+            ids = batch["input_ids"]
+            if batch.get("mode") is not None or self.model.fused(ids.device) == "plain":
+                return super().eval_forward(batch, outputs)
+            self.labels = fused.shift_labels(batch.pop("labels"))  # as Composer shifts them for the metrics
+            return self.model(input_ids=ids, attention_mask=batch.get("attention_mask"), cpt_sum_targets=self.labels)
+
         def update_metric(self, batch, outputs, metric):
             if not isinstance(metric, LanguageCrossEntropy):  # LanguagePerplexity is one too
                 return super().update_metric(batch, outputs, metric)
+            if isinstance(outputs, summed):
+                metric.sum_loss += outputs.ce_sum.to(metric.sum_loss.device)
+                metric.total_items += outputs.tokens.to(metric.total_items.device)
+                return {}
             if self._ce_cache is None or self._ce_cache[0] is not outputs:
                 logits = outputs["logits"] if isinstance(outputs, dict) else outputs
                 target = self.labels.to(logits.device).view(-1)

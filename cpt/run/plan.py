@@ -21,7 +21,7 @@ from cpt.data.manifest import Manifest
 from cpt.eval import domains
 from cpt.io import redact, safe_load, storage
 from cpt.io.cache import cache_dir
-from cpt.run import checkpoints, faults
+from cpt.run import checkpoints, faults, mfu
 from cpt.run.checkpoints import Checkpoint
 from cpt.run.fingerprint import fingerprint
 
@@ -103,6 +103,8 @@ class Plan:
             "attn_implementation": "sdpa",
             "use_flash_attention_2": False,
             "trust_remote_code": section.trust_remote_code,  # llm-foundry's default is True: never implicit
+            "loss_impl": section.loss.impl,  # cpt.loss: the loss without the full logits
+            "loss_chunk": section.loss.chunk,
             "use_train_metrics": False,  # the train loss is logged anyway; metrics on 50k-vocab logits cost a pass
         }
         out.tokenizer = {
@@ -164,6 +166,11 @@ class Plan:
             callbacks["cpt_faults"] = {"save_folder": out.get("save_folder")}
         if section.log_samples:
             callbacks["cpt_sample_log"] = {"folder": self.run_dir}
+        peak = mfu.current_peak(str(checked.cfg.get("precision", "fp32")))
+        if peak:  # MFU in every run on a known GPU (Composer's own table misses some)
+            monitor = dict(callbacks.get("speed_monitor") or {"window_size": 10})
+            monitor.setdefault("gpu_flops_available", peak)
+            callbacks["speed_monitor"] = monitor
         callbacks["cpt_fingerprint"] = {
             "fingerprint": self.fingerprint,
             "allow_change": section.allow_fingerprint_change,
