@@ -85,6 +85,39 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _anneal(args: argparse.Namespace) -> int:
+    from cpt.io.storage import local_only
+    from cpt.tools.anneal import plan_branch
+
+    try:
+        branch = plan_branch(args.trunk, args.at, args.length, args.shape, args.to, local_only(args.out, "--out"))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"{branch.name}: leaves the trunk at batch {branch.at} (LR x {branch.m_start:.4g}), decays over "
+        f"{branch.length} batches to x {args.to:g}; checkpoints in {branch.save_folder}\nwrote {branch.path}"
+    )
+    if args.run:
+        from cpt.train import main as train_main
+
+        return train_main([branch.path])
+    print(branch.command(args.gpus))
+    return 0
+
+
+def _average(args: argparse.Namespace) -> int:
+    from cpt.tools.average import average
+
+    try:
+        batches = average(args.save_folder, args.out, args.last, args.start, args.end, args.ema)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"averaged batches {batches} of {args.save_folder}\nwrote {args.out}")
+    return 0
+
+
 def _verify(args: argparse.Namespace) -> int:
     from cpt.data.verify import verify
 
@@ -144,6 +177,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--upstream", help="upstream dataset name (default: pile, or upstream)")
     p.add_argument("--downstream", help="downstream dataset name (default: slimpajama, or downstream)")
     p.set_defaults(fn=_report)
+
+    p = sub.add_parser("anneal", help="a decay branch off a trunk run's checkpoint: its own run and save folder")
+    p.add_argument("trunk", help="the trunk's save folder (local or s3://), as its YAML's save_folder")
+    p.add_argument("--at", required=True, help="the trunk's checkpoint: its batch (e.g. 1000) or its name")
+    p.add_argument("--length", required=True, help="the decay's length: ba, tok or dur (of the trunk's run)")
+    p.add_argument("--shape", default="linear", choices=["linear", "cosine", "1-sqrt", "exp"], help="decay shape")
+    p.add_argument("--to", type=float, default=0.0, help="the final LR multiplier alpha_f (default: 0)")
+    p.add_argument("--out", default="branches", help="where the branch's YAML is written (default: ./branches)")
+    p.add_argument("--gpus", type=int, default=8, help="GPUs in the printed launch command (default: 8)")
+    p.add_argument("--run", action="store_true", help="train the branch now, in this process")
+    p.set_defaults(fn=_anneal)
+
+    p = sub.add_parser("average", help="average a save folder's checkpoints into a Hugging Face folder")
+    p.add_argument("save_folder", help="a run's save folder, local or s3://")
+    p.add_argument("out", help="the Hugging Face folder to write, local or s3://")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--last", type=int, help="the newest K checkpoints")
+    group.add_argument("--from", dest="start", type=int, help="the first batch to include")
+    p.add_argument("--to", dest="end", type=int, help="the last batch to include (with --from)")
+    p.add_argument("--ema", type=float, help="exponential average with this decay, oldest first (default: uniform)")
+    p.set_defaults(fn=_average)
 
     p = sub.add_parser("export", help="a Composer checkpoint (local or s3://) -> a Hugging Face GPT-NeoX folder")
     p.add_argument("checkpoint")

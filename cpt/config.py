@@ -71,6 +71,21 @@ class Loss:
     chunk: int = 8192  # tokens whose logits are held at once (chunked)
 
 
+CARRY = ("optimizer", "clock", "data")
+
+
+@dataclass
+class Init:
+    """``cpt.init``: start from an earlier stage's checkpoint instead of the base weights, carrying what it says.
+
+    ``carry: []`` is weights only (the paper's set-up); ``[optimizer]`` adds the optimizer's state;
+    ``[optimizer, clock]`` the schedule clock too (an infinite schedule's constant phase continues across
+    tasks, without a new warmup); ``[optimizer, clock, data]`` the data position as well (an anneal branch)."""
+
+    from_: str  # YAML key "from": a save folder (its newest intact checkpoint) or one checkpoint, local or s3://
+    carry: list[str] = field(default_factory=list)
+
+
 @dataclass
 class Cpt:
     """The ``cpt:`` section of a train YAML."""
@@ -81,6 +96,7 @@ class Cpt:
     from_scratch: bool = False  # same architecture, random initialisation (the from-scratch baseline)
     eval: Eval = field(default_factory=Eval)
     loss: Loss = field(default_factory=Loss)
+    init: Init | None = None  # an earlier stage's checkpoint to start from (the save folder's own comes first)
     num_canonical_nodes: int = 1  # pinned, so the data order does not depend on the number of GPUs
     shuffle_seed: int = 17
     num_workers: int = 8  # data loader workers per rank
@@ -125,6 +141,11 @@ def _coerce(tp, value, where: str):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
         return from_mapping(tp, value, where)
+    if origin is list:
+        (it,) = get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(it, v, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         _, vt = get_args(tp)
         if not isinstance(value, dict):
@@ -145,16 +166,16 @@ def _coerce(tp, value, where: str):
 def from_mapping(cls, data: dict, where: str):
     """A dataclass from a mapping; unknown and missing keys are errors that name the key."""
     hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    keys = {f.name.rstrip("_"): f for f in dataclasses.fields(cls)}  # a field from_ is the key "from"
+    unknown = sorted(set(data) - set(keys))
     if unknown:
-        raise ConfigError(f"unknown key {where}.{unknown[0]} (known: {', '.join(sorted(names))})")
+        raise ConfigError(f"unknown key {where}.{unknown[0]} (known: {', '.join(sorted(keys))})")
     kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in data:
-            kwargs[f.name] = _coerce(hints[f.name], data[f.name], f"{where}.{f.name}")
+    for key, f in keys.items():
+        if key in data:
+            kwargs[f.name] = _coerce(hints[f.name], data[key], f"{where}.{key}")
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"missing key {where}.{f.name}")
+            raise ConfigError(f"missing key {where}.{key}")
     return cls(**kwargs)
 
 
@@ -331,6 +352,15 @@ def _check_values(cfg: DictConfig, section: Cpt, path: str) -> None:
         fail("cpt.loss.impl", section.loss.impl, f"must be one of {', '.join(IMPLS)}")
     if section.loss.chunk < 1:
         fail("cpt.loss.chunk", section.loss.chunk, "must be at least 1")
+    if section.init is not None:
+        carry = section.init.carry
+        bad = [c for c in carry if c not in CARRY]
+        if bad:
+            fail("cpt.init.carry", carry, f"holds {bad[0]!r}: each must be one of {', '.join(CARRY)}")
+        if ("clock" in carry and "optimizer" not in carry) or ("data" in carry and "clock" not in carry):
+            fail("cpt.init.carry", carry, "must be [], [optimizer], [optimizer, clock] or [optimizer, clock, data]")
+        if section.from_scratch:
+            fail("cpt.from_scratch", True, "cannot be combined with cpt.init (which starts from a checkpoint)")
     if not _finite(section.s3_retry_s) or section.s3_retry_s <= 0:
         fail("cpt.s3_retry_s", section.s3_retry_s, "must be a positive number of seconds")
 

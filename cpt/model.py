@@ -119,6 +119,8 @@ def _hf_model_class():
 
         @classmethod
         def from_config(cls, config, **kwargs):  # llm-foundry builds a from-scratch model with from_config
+            for auto_only in ("trust_remote_code", "code_revision"):  # AutoModel's, not the model class's
+                kwargs.pop(auto_only, None)
             return cls._from_config(config, **kwargs)
 
         def fused(self, device) -> str:

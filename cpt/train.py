@@ -18,7 +18,7 @@ import sys
 
 from cpt import config
 from cpt.io import storage
-from cpt.run import cleanup, lock
+from cpt.run import cleanup, lock, stage
 from cpt.run.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ def train_from_yaml(path: str, overrides: list[str] | None = None):
     if plan.lock:
         if os.environ.get("RANK", "0") == "0":
             lock.acquire(plan.lock)  # before anything is written to the save folder
+            stage.write_run_spec(plan.lock, path, overrides or [])  # what cpt anneal derives a branch from
         cleanup.mark(plan.lock)  # every process this rank spawns carries it
     if os.environ.get("LOCAL_RANK", "0") == "0":
         if plan.lock:

@@ -117,3 +117,20 @@ def test_liger_and_chunked_equal_plain_on_gpu_in_bf16(tiny):
         results[impl] = loss.item()
     print(results)
     assert abs(results["chunked"] - results["plain"]) < 1e-2 and abs(results["liger"] - results["plain"]) < 1e-2
+
+
+def test_a_from_scratch_model_is_built_through_llm_foundrys_from_config(tiny):
+    """``cpt.from_scratch``: llm-foundry builds the model with ``from_config`` and AutoModel's keywords."""
+    from transformers import AutoTokenizer
+
+    from cpt.model import CptPythia
+
+    model = CptPythia(
+        tokenizer=AutoTokenizer.from_pretrained(tiny, pad_token="<|padding|>"),
+        pretrained_model_name_or_path=tiny,
+        pretrained=False,
+        attn_implementation="sdpa",
+        use_train_metrics=False,
+        trust_remote_code=False,
+    )
+    assert type(model.model).__name__ == "CptGPTNeoXForCausalLM" and model.model.config.num_hidden_layers == 2

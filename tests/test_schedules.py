@@ -112,6 +112,27 @@ def test_wsd_table(t, decay, expected):
     assert schedules.wsd_multiplier(t, 10, 20, 100, 0.0, decay=decay) == pytest.approx(expected, abs=1e-12)
 
 
+# anneal branch: leaves the trunk at batch 100 with multiplier 0.5, decays over 40 batches to 0.05
+ANNEAL = [
+    pytest.param(0, "linear", 0.5, id="trunk"),
+    pytest.param(100, "linear", 0.5, id="branch-start"),
+    pytest.param(110, "linear", 0.05 + 0.45 * 0.75, id="quarter-linear"),
+    pytest.param(110, "cosine", 0.05 + 0.45 * (1 + math.cos(PI / 4)) / 2, id="quarter-cosine"),
+    pytest.param(110, "1-sqrt", 0.05 + 0.45 * 0.5, id="quarter-1-sqrt"),
+    pytest.param(110, "exp", 0.5 * 0.1**0.25, id="quarter-exp"),
+    pytest.param(120, "exp", 0.5 * 0.1**0.5, id="half-exp"),
+    pytest.param(140, "cosine", 0.05, id="end"),
+    pytest.param(170, "exp", 0.05, id="past-end"),
+]
+
+
+@pytest.mark.parametrize("t,shape,expected", ANNEAL)
+def test_anneal_table(t, shape, expected):
+    assert schedules.anneal_multiplier(t, 100, 40, 0.5, 0.05, shape=shape) == pytest.approx(expected, abs=1e-12)
+    sched = schedules.AnnealScheduler(t_start="100ba", t_length="40ba", m_start=0.5, alpha_f=0.05, shape=shape)
+    assert sched.multiplier(t, schedules.Clock("140ba")) == pytest.approx(expected, abs=1e-12)
+
+
 # ---- units ----------------------------------------------------------------------------------------
 
 TPB = 1000  # tokens per batch

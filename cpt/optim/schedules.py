@@ -148,6 +148,33 @@ def wsd_multiplier(
     return 1.0 - (1.0 - alpha_f) * math.sqrt(x)
 
 
+ANNEAL_SHAPES = ("linear", "cosine", "1-sqrt", "exp")
+
+
+def anneal_multiplier(
+    t: float, t_start: float, t_length: float, m_start: float, alpha_f: float = 0.0, shape: str = "linear"
+) -> float:
+    r"""``cpt_anneal``: a decay branch off a trunk. Flat at the trunk's multiplier :math:`m_0` until
+    ``t_start`` (the trunk's batch the branch leaves at), then over ``t_length`` batches to :math:`\alpha_f`.
+
+    With :math:`x = (t - t_s) / t_l` in the decay: linear :math:`\alpha_f + (m_0-\alpha_f)(1 - x)`, cosine
+    :math:`\alpha_f + \tfrac{m_0-\alpha_f}{2}(1 + \cos\pi x)`, 1-sqrt :math:`\alpha_f + (m_0-\alpha_f)(1 - \sqrt{x})`,
+    exp :math:`m_0 (\alpha_f / m_0)^{x}` (geometric); then :math:`\alpha_f`.
+    """
+    if t <= t_start:
+        return m_start
+    if t >= t_start + t_length:
+        return alpha_f
+    x = (t - t_start) / t_length
+    if shape == "linear":
+        return alpha_f + (m_start - alpha_f) * (1.0 - x)
+    if shape == "cosine":
+        return alpha_f + (m_start - alpha_f) * 0.5 * (1.0 + math.cos(math.pi * x))
+    if shape == "1-sqrt":
+        return alpha_f + (m_start - alpha_f) * (1.0 - math.sqrt(x))
+    return m_start * (alpha_f / m_start) ** x if alpha_f > 0 else m_start * (1.0 - x)
+
+
 # ---- durations -----------------------------------------------------------------------------------
 
 
@@ -408,11 +435,49 @@ class WSDScheduler(Schedule):
         return [("warmup", 0.0), ("stable", d["t_warmup"]), ("decay", d["t_max"] - d["t_decay"]), ("flat", d["t_max"])]
 
 
+class AnnealScheduler(Schedule):
+    """``cpt_anneal``: see :func:`anneal_multiplier`. Written by ``cpt anneal`` for a branch run, whose clock
+    continues the trunk's: ``t_start`` is the trunk's batch, ``m_start`` its multiplier there."""
+
+    durations = ("t_start", "t_length")
+
+    def __init__(
+        self,
+        t_start="0ba",
+        t_length="1ba",
+        m_start: float = 1.0,
+        alpha_f: float = 0.0,
+        shape: str = "linear",
+        tokens_per_batch: int | None = None,
+    ):
+        super().__init__(tokens_per_batch, t_start=t_start, t_length=t_length)
+        _fraction("m_start", m_start, open_low=True)
+        _fraction("alpha_f", alpha_f)
+        if shape not in ANNEAL_SHAPES:
+            raise ValueError(f"shape={shape!r} must be one of {', '.join(ANNEAL_SHAPES)}")
+        if alpha_f > m_start:
+            raise ValueError(f"alpha_f={alpha_f!r} is above m_start={m_start!r}: an anneal decays")
+        self.m_start, self.alpha_f, self.shape = m_start, alpha_f, shape
+
+    def check(self, d):
+        if d["t_length"] <= 0:
+            raise ValueError(f"t_length={self.t_length!r} must be positive")
+
+    def multiplier(self, t, clock):
+        d = self.resolve(clock)
+        return anneal_multiplier(t, d["t_start"], d["t_length"], self.m_start, self.alpha_f, self.shape)
+
+    def phases(self, clock):
+        d = self.resolve(clock)
+        return [("trunk", 0.0), ("anneal", d["t_start"]), ("flat", d["t_start"] + d["t_length"])]
+
+
 SCHEDULERS = {
     "cpt_cosine": CosineScheduler,
     "cpt_constant": ConstantScheduler,
     "cpt_infinite": InfiniteScheduler,
     "cpt_wsd": WSDScheduler,
+    "cpt_anneal": AnnealScheduler,
 }
 
 

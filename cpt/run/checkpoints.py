@@ -131,7 +131,32 @@ def _fetch_sharded(save_folder: str, name: str, cache: str) -> tuple[str | None,
     return local, ""
 
 
-def find_resume(save_folder: str, cache: str) -> Checkpoint | None:
+def fetch(url: str, cache: str) -> Checkpoint:
+    """One named checkpoint (``.../ep0-ba8-rank0.pt`` or a sharded ``.../ep0-ba8``), local or ``s3://``: a local
+    path to it after the same checks as for resume; ``ValueError`` naming what is wrong."""
+    name = os.path.basename(url.rstrip("/"))
+    parent = url.rstrip("/")[: -len(name)].rstrip("/") or "."
+    batch = batch_of(name)
+    if batch is None:
+        raise ValueError(f"{url} is not a checkpoint's name (ep<E>-ba<B>-rank0.pt, or ep<E>-ba<B>/ when sharded)")
+    with locked(cache):
+        if _SHARDED.match(name):
+            local, why = _fetch_sharded(parent, name, cache)
+            if local is None:
+                raise ValueError(f"{url}: {why}")
+        else:
+            local = url
+            if storage.is_s3(url):
+                local = os.path.join(cache, name)
+                if not (os.path.isfile(local) and intact(local)):
+                    storage.download_file(url, local)
+            if not intact(local):
+                raise ValueError(f"{url}: not an intact checkpoint (a zip member fails its CRC, or it is missing)")
+        safe_load.check(local)
+    return Checkpoint(batch, local, bool(_SHARDED.match(name)))
+
+
+def find_resume(save_folder: str, cache: str, verb: str = "resuming from") -> Checkpoint | None:
     """The newest intact checkpoint in ``save_folder`` with ``name`` set to a local path, or None when it holds none.
 
     A local corrupt monolithic file is renamed ``*.corrupt`` (Composer refuses to save over a newer file)."""
@@ -155,7 +180,7 @@ def find_resume(save_folder: str, cache: str) -> Checkpoint | None:
                         os.replace(local, local + ".corrupt")
                     continue
             safe_load.check(local)  # Composer unpickles without restriction: only a file that passes reaches it
-            log.info("resuming from %s (batch %d)", url, ck.batch)
+            log.info("%s %s (batch %d)", verb, url, ck.batch)
             return Checkpoint(ck.batch, local, ck.sharded)
     return None
 

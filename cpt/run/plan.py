@@ -21,7 +21,7 @@ from cpt.data.manifest import Manifest
 from cpt.eval import domains
 from cpt.io import redact, safe_load, storage
 from cpt.io.cache import cache_dir
-from cpt.run import checkpoints, faults, mfu
+from cpt.run import checkpoints, faults, mfu, stage
 from cpt.run.checkpoints import Checkpoint
 from cpt.run.fingerprint import fingerprint
 
@@ -38,6 +38,7 @@ class Plan:
     cache: str  # local: the run's downloads (data, checkpoints to resume from)
     staging: str | None  # where Composer saves before cpt uploads (s3:// save folder, or sharded checkpoints)
     resume: Checkpoint | None  # the checkpoint to resume from, its name a local path; None: base weights only
+    init: Checkpoint | None  # cpt.init's checkpoint, a local path (only when there is nothing to resume)
     lock: str | None  # the folder whose run lock this launch takes (the save folder)
 
     @classmethod
@@ -71,6 +72,8 @@ class Plan:
         cache = cache_dir("runs", checked.run_name)
         save = checked.save_folder
         staged = bool(save) and (storage.is_s3(save) or checked.sharded)
+        resume = _resume_point(save, cache, path)
+        init = _init_point(checked, cache, path) if resume is None and section.init else None
         return cls(
             checked=checked,
             model_dir=model_dir,
@@ -81,7 +84,8 @@ class Plan:
             run_dir=os.path.join(section.run_dir, checked.run_name),
             cache=cache,
             staging=os.path.join(cache, "staging") if staged else None,
-            resume=_resume_point(save, cache, path),
+            resume=resume,
+            init=init,
             lock=save,
         )
 
@@ -162,6 +166,16 @@ class Plan:
             callbacks["cpt_run_lock"] = {"save_folder": save}
         if self.resume is not None:
             out.load_path = self.resume.name  # the whole state: weights, optimizer, clock, data position, RNG
+        elif self.init is not None:
+            carry = section.init.carry
+            out.load_path = self.init.name  # an earlier stage's checkpoint: only what cpt.init carries
+            if carry:
+                out.load_ignore_keys = stage.ignore_keys(carry)
+            else:
+                out.load_weights_only = True
+            if "optimizer" in carry and "clock" not in carry:
+                multiplier = checked.scheduler.multiplier(0.0, checked.clock)
+                callbacks["cpt_stage_lr"] = {"lr": checked.lr, "multiplier": multiplier}
         if faults.planned():
             callbacks["cpt_faults"] = {"save_folder": out.get("save_folder")}
         if section.log_samples:
@@ -198,3 +212,22 @@ def _resume_point(save_folder: str | None, cache: str, path: str) -> Checkpoint 
         return checkpoints.find_resume(save_folder, os.path.join(cache, "checkpoints"))
     except (safe_load.UnsafeCheckpointError, storage.StorageError) as exc:
         raise ConfigError(f"{path}: save_folder: {exc}") from exc
+
+
+def _init_point(checked: Checked, cache: str, path: str) -> Checkpoint:
+    """cpt.init's checkpoint, fetched and checked, and its clock checked against this run's schedule."""
+    init = checked.section.init
+    where = os.path.join(cache, "init")
+    try:
+        if checkpoints.batch_of(os.path.basename(init.from_.rstrip("/"))) is not None:
+            ck = checkpoints.fetch(init.from_, where)
+        else:
+            ck = checkpoints.find_resume(init.from_, where, verb="starting this stage from")
+    except (ValueError, storage.StorageError) as exc:
+        raise ConfigError(f"{path}: cpt.init.from: {exc}") from exc
+    if ck is None:
+        raise ConfigError(f"{path}: cpt.init.from: {init.from_} holds no intact checkpoint")
+    if "clock" in init.carry:
+        name = str(checked.cfg.scheduler.get("name"))
+        stage.check_clock(ck.batch, checked.total_batches, checked.scheduler.phases(checked.clock), name, path)
+    return ck
