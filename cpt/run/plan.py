@@ -173,8 +173,9 @@ class Plan:
                 out.load_ignore_keys = stage.ignore_keys(carry)
             else:
                 out.load_weights_only = True
-            if "optimizer" in carry and "clock" not in carry:
-                multiplier = checked.scheduler.multiplier(0.0, checked.clock)
+            if "optimizer" in carry:  # the old stage's LR comes with it: this stage's, at its first batch
+                first = float(self.init.batch if "clock" in carry else 0)
+                multiplier = checked.scheduler.multiplier(first, checked.clock)
                 callbacks["cpt_stage_lr"] = {"lr": checked.lr, "multiplier": multiplier}
         if faults.planned():
             callbacks["cpt_faults"] = {"save_folder": out.get("save_folder")}

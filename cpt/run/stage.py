@@ -3,8 +3,8 @@
 The checkpoint is loaded through Composer's ``load_path``, with ``load_weights_only`` for weights alone and
 ``load_ignore_keys`` for what is not carried. Never carried: eval and train metrics (other loaders). Carried
 with the data position only: the callbacks' state (the data fingerprint, so a branch checks that its data
-is the trunk's) and the RNG. When the optimizer is carried without its clock, its learning rate is the old
-stage's last one; ``StageLR`` sets this stage's instead before the first step.
+is the trunk's) and the RNG. A carried optimizer brings the old stage's last learning rate; ``StageLR`` sets
+this stage's (its schedule at its first batch) before the first step.
 """
 
 from __future__ import annotations

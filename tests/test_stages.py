@@ -1,0 +1,246 @@
+"""Chains of continual stages, anneal branches and checkpoint averaging, through real cpt runs.
+
+A probe callback (registered in the run's own process) records the state right after the checkpoint is loaded
+and the LR of every batch; the expected values come from the trunk's checkpoint file and the schedules' pure
+functions, not from the code under test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_resume import assert_identical, finish, launch
+
+from cpt.cli import main
+from cpt.io import storage
+from cpt.optim import schedules
+from cpt.run import samples
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "yamls" / "tiny-cpu.yaml"
+LR = 3e-4  # tiny-cpu.yaml's optimizer.lr
+
+PROBE = """
+import hashlib, json, sys
+import torch
+from composer.core import Callback
+from llmfoundry.registry import callbacks
+
+def digest(tensors):
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+class Probe(Callback):
+    def __init__(self):
+        self.out = {"lr": {}}
+    def after_load(self, state, logger):
+        opt = state.optimizers[0]
+        moments = [opt.state[p][k] for g in opt.param_groups for p in g["params"] if p in opt.state
+                   for k in ("exp_avg", "exp_avg_sq")]
+        self.out.update(batch=int(state.timestamp.batch), moments=digest(moments) if moments else None,
+                        weights=digest([p for _, p in sorted(state.model.model.named_parameters())]))
+    def batch_start(self, state, logger):
+        self.out["lr"][int(state.timestamp.batch)] = state.optimizers[0].param_groups[0]["lr"]
+    def fit_end(self, state, logger):
+        print("PROBE " + json.dumps(self.out), flush=True)
+
+callbacks.register("cpt_test_probe", func=Probe)
+from cpt.train import main
+sys.exit(main(sys.argv[1:] + ["callbacks.cpt_test_probe={}"]))
+"""
+
+
+def probe(setup: Path, yaml: str, *overrides: str, env: dict | None = None) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, yaml, f"cpt.run_dir={setup / 'runs'}", "cpt.num_workers=0", *overrides],
+        cwd=setup,
+        env={**os.environ, "CPT_CACHE": str(setup / "cache" / "probe"), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("PROBE ")][-1]
+    out = json.loads(line[len("PROBE ") :])
+    out["lr"] = {int(k): v for k, v in out["lr"].items()}
+    return out
+
+
+def digest(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def checkpoint_state(path: str) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)["state"]
+
+
+def moments_of(state: dict) -> str:
+    opt = next(iter(state["optimizers"].values()))
+    ids = [i for g in opt["param_groups"] for i in g["params"]]
+    return digest([opt["state"][i][k] for i in ids if i in opt["state"] for k in ("exp_avg", "exp_avg_sq")])
+
+
+def tiny_cosine(t: float) -> float:
+    """tiny-cpu.yaml's schedule over 16 batches (the trunk's max_duration), by its formula."""
+    return schedules.cosine_multiplier(t, t_warmup=0.125 * 16, t_max=16, alpha_i=0.0, alpha_f=0.1)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_project):
+    domains = {"upstream": {"Pile-CC": "prose"}, "downstream": {"Github": "code"}}
+    return tiny_project(tmp_path_factory.mktemp("stages"), domains, {"train": 120, "val": 10})
+
+
+@pytest.fixture(scope="module")
+def trunk(setup) -> str:
+    """A finished trunk: 16 batches, a checkpoint every 4, every trained sample logged."""
+    folder = str(setup / "trunk-checkpoints")
+    finish(launch(setup, "trunk", folder))
+    return folder
+
+
+def files_of(folder: str) -> dict[str, bytes]:
+    return {k: Path(folder, k).read_bytes() for k in storage.list_prefix(folder)}
+
+
+def test_a_branch_starts_from_the_trunks_exact_state_and_follows_its_decay(setup, trunk, capsys):
+    before = files_of(trunk)
+    out = setup / "branches"
+    assert main(["anneal", trunk, "--at", "8", "--length", "4ba", "--shape", "cosine", "--to", "0.01",
+                 "--out", str(out), "--gpus", "1"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    yaml = str(out / "trunk-anneal8-cosine-4ba.yaml")
+    assert f"wrote {yaml}" in printed and f"python -m cpt.train {yaml}" in printed
+    got = probe(setup, yaml, "cpt.log_samples=true")
+
+    ck = checkpoint_state(f"{trunk}/ep0-ba8-rank0.pt")
+    assert got["batch"] == 8  # the trunk's clock
+    assert got["moments"] == moments_of(ck)  # bit-equal optimizer state after load
+    weights = ck["model"]
+    assert got["weights"] == digest([weights[k] for k in sorted(weights)])
+    m0 = tiny_cosine(8)
+    for t in range(8, 12):  # batch t trains at lr x m(t): the decay from the trunk's value
+        expected = LR * schedules.anneal_multiplier(t, 8, 4, m0, 0.01, "cosine")
+        assert got["lr"][t] == pytest.approx(expected, rel=1e-9), t
+    assert got["lr"][8] == pytest.approx(LR * m0, rel=1e-9)  # continuous with the trunk at the branch point
+
+    trunk_batches, _ = samples.read(str(setup / "runs" / "trunk" / "samples-rank0.jsonl"))
+    branch_batches, _ = samples.read(str(setup / "runs" / "trunk-anneal8-cosine-4ba" / "samples-rank0.jsonl"))
+    assert branch_batches == trunk_batches[8:12]  # the same data stream from the same position (batches 8-11)
+    assert files_of(trunk) == before  # the trunk's folder is byte-identical
+    branch_folder = str(setup / "trunk-checkpoints-trunk-anneal8-cosine-4ba")
+    assert "ep0-ba12-rank0.pt" in storage.list_children(branch_folder)[0]
+
+
+def test_a_preempted_branch_ends_bit_identical_to_an_uninterrupted_one(setup, trunk):
+    out = setup / "branches-kill"
+    assert main(["anneal", trunk, "--at", "8", "--length", "8ba", "--to", "0.0", "--out", str(out)]) == 0
+    yaml = str(out / "trunk-anneal8-linear-8ba.yaml")
+    ref_folder, run_folder = str(setup / "branch-ref"), str(setup / "branch-killed")
+
+    def run(folder: str, name: str, fault: str = "") -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "cpt.train", yaml, f"save_folder={folder}", f"run_name={name}",
+             f"cpt.run_dir={setup / 'runs'}", "cpt.num_workers=0", "save_interval=2ba"],
+            cwd=setup, env={**os.environ, "CPT_CACHE": str(setup / "cache" / name), "CPT_FAULT": fault},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )  # fmt: skip
+
+    finish(run(ref_folder, "branch-ref"))
+    proc = run(run_folder, "branch-killed", fault="step:13")
+    out_text, _ = proc.communicate(timeout=600)
+    assert proc.returncode == -signal.SIGKILL, out_text[-3000:]
+    resumed = finish(run(run_folder, "branch-killed"))
+    assert "resuming from" in resumed and "ep0-ba12-rank0.pt" in resumed
+    a = torch.load(f"{ref_folder}/ep0-ba16-rank0.pt", map_location="cpu", weights_only=False)["state"]
+    b = torch.load(f"{run_folder}/ep0-ba16-rank0.pt", map_location="cpu", weights_only=False)["state"]
+    assert_identical(a["model"], b["model"], "model")
+    assert_identical(a["optimizers"], b["optimizers"], "optimizers")
+    assert a["dataset_state"] == b["dataset_state"]
+
+
+@pytest.mark.parametrize("carry", [[], ["optimizer"], ["optimizer", "clock"]])
+def test_each_carry_choice_restores_what_it_says_and_only_that(setup, trunk, carry):
+    init = f"cpt.init={{from: {trunk}/ep0-ba8-rank0.pt, carry: [{', '.join(carry)}]}}"
+    name = "stage2-" + ("-".join(carry) or "weights")
+    scheduler = "scheduler={name: cpt_infinite, t_warmup: 2ba, t_cooldown: 2ba, alpha_const: 0.5, t_max: 1dur}"
+    got = probe(
+        setup,
+        str(TINY),
+        f"variables.data={setup / 'data'}",
+        f"variables.model={setup / 'model'}",
+        f"variables.run_name={name}",
+        f"variables.save_folder={setup / name}",
+        "max_duration=12ba",
+        scheduler,
+        init,
+        "cpt.log_samples=true",
+    )
+    ck = checkpoint_state(f"{trunk}/ep0-ba8-rank0.pt")
+    assert got["weights"] == digest([ck["model"][k] for k in sorted(ck["model"])])  # weights: always
+    clock = "clock" in carry
+    assert got["batch"] == (8 if clock else 0)
+    assert got["moments"] == (moments_of(ck) if "optimizer" in carry else None)
+    # the LR is this stage's schedule at its own clock, never the trunk's last LR
+    first = 8 if clock else 0
+    expected = LR * schedules.infinite_multiplier(first, 2, 2, alpha_const=0.5)
+    assert got["lr"][first] == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    if not clock:  # no data position either: the stage's stream starts where the trunk's did
+        trunk_batches, _ = samples.read(str(setup / "runs" / "trunk" / "samples-rank0.jsonl"))
+        stage_batches, _ = samples.read(str(setup / "runs" / name / "samples-rank0.jsonl"))
+        assert stage_batches[0] == trunk_batches[0]
+
+
+def test_continuing_the_clock_into_an_ended_cosine_is_refused(setup, trunk):
+    from cpt import config
+    from cpt.run.plan import Plan
+
+    cfg = config.load(
+        str(TINY),
+        [
+            f"variables.data={setup / 'data'}",
+            f"variables.model={setup / 'model'}",
+            "variables.run_name=stage-ended",
+            f"variables.save_folder={setup / 'stage-ended'}",
+            f"cpt.run_dir={setup / 'runs'}",
+            "max_duration=20ba",
+            "scheduler.t_max=10ba",
+            f"cpt.init={{from: {trunk}/ep0-ba12-rank0.pt, carry: [optimizer, clock]}}",
+        ],
+    )
+    with pytest.raises(config.ConfigError, match="cpt_cosine schedule's decay ended at batch"):
+        Plan.from_config(cfg, str(TINY))
+    with pytest.raises(config.ConfigError, match=r"cpt.init.carry=\['clock'\] must be"):
+        config.check(config.load(str(TINY), [f"cpt.init={{from: {trunk}, carry: [clock]}}"]), str(TINY))
+
+
+def test_an_average_equals_the_mean_computed_here(setup, trunk, tmp_path):
+    from safetensors.torch import load_file
+
+    assert main(["average", trunk, str(tmp_path / "uniform"), "--last", "2"]) == 0
+    assert main(["average", trunk, str(tmp_path / "ema"), "--from", "8", "--to", "16", "--ema", "0.5"]) == 0
+    w = {b: checkpoint_state(f"{trunk}/ep0-ba{b}-rank0.pt")["model"] for b in (8, 12, 16)}
+    uniform, ema = (
+        load_file(tmp_path / "uniform" / "model.safetensors"),
+        load_file(tmp_path / "ema" / "model.safetensors"),
+    )
+    for key, value in uniform.items():
+        full = f"model.{key}"
+        mean = (w[12][full].double() + w[16][full].double()) / 2
+        assert torch.allclose(value.double(), mean, atol=1e-6), key
+        by_hand = 0.5 * (0.5 * w[8][full].double() + 0.5 * w[12][full].double()) + 0.5 * w[16][full].double()
+        assert torch.allclose(ema[key].double(), by_hand, atol=1e-6), key
+    assert main(["average", trunk, str(tmp_path / "none"), "--from", "100"]) == 2
