@@ -42,6 +42,7 @@ def run(cmd: list[str], cwd: Path, env: dict | None = None) -> str:
 
 def test_every_readme_command_is_handled():
     handled = ("python convert/", "cpt schedule", "cpt sweep", "composer -n", "cpt train", "cpt report", "cpt export")
+    handled += ("cpt anneal", "cpt average")
     for cmd in readme_commands():
         assert cmd.startswith(handled + EXTERNAL), f"README command not exercised by tests/test_readme.py: {cmd}"
 
@@ -138,6 +139,9 @@ def test_readme_workflow(tmp_path, s3_bucket):
         done.append(argv[0] if argv[0] != "cpt" else f"cpt {argv[1]}")
 
     assert done.count("python") == 2 and "composer" in done and {"cpt report", "cpt export"} <= set(done)
+    assert {"cpt anneal", "cpt average"} <= set(done)
+    assert len(list((tmp_path / "branches").glob("my-run-anneal8-1-sqrt-*ba.yaml"))) == 1
+    assert (tmp_path / "averaged-model" / "model.safetensors").is_file()
     assert storage.exists(f"{bucket}/data/slimpajama/train/manifest.json")
     assert storage.exists(f"{bucket}/data/pile/val/manifest.json")
     for f in ("lr.png", "lr.csv", "cmp.png", "warmup.png", "report/summary.md", "pythia-410m-cpt/config.json"):

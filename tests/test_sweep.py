@@ -20,6 +20,7 @@ GROUPS = {
     "pile_rewarm": 1,
     "replay": 5,
     "infinite": 4,
+    "chain": 2,
 }
 
 
