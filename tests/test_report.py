@@ -59,3 +59,24 @@ def test_report_from_local_and_s3(tmp_path, s3_bucket, capsys):
     assert f"| redpajamac4 | {math.exp(1.9):.2f} | {math.exp(2.6):.2f} |" in text
     for png in ("loss.png", "lr.png", "forgetting.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_trunk_and_its_branches_are_drawn_as_one_family(tmp_path):
+    write(
+        tmp_path / "runs" / "t" / "metrics.jsonl",
+        rows([0, 4, 8, 12], [2.0, 2.4, 2.3, 2.2], [3, 2.8, 2.6, 2.5], [0] * 4),
+    )
+    write(tmp_path / "runs" / "t-anneal8-cosine-4ba" / "metrics.jsonl", rows([10, 12], [2.2, 2.1], [2.4, 2.3], [0, 0]))
+    write(tmp_path / "runs" / "other" / "metrics.jsonl", rows([0, 12], [2.0, 2.5], [3.0, 2.4], [0, 0]))
+    runs = [report.load(str(tmp_path / "runs" / n)) for n in ("t", "t-anneal8-cosine-4ba", "other")]
+    assert report.families(runs) == {"t-anneal8-cosine-4ba": "t"}
+    styles = report._family_style(runs)
+    assert styles["t-anneal8-cosine-4ba"] == {"color": styles["t"]["color"], "ls": "--"}
+    assert styles["other"]["color"] != styles["t"]["color"]
+    # the branch's curve starts at the trunk's point where it leaves it (batch 8, before its own first at 10)
+    key = "metrics/eval/pile/all/LanguageCrossEntropy"
+    joined = report._with_trunk(runs[1], key, {r.label: r for r in runs}, report.families(runs))
+    assert [(b, v) for b, _, v in joined] == [(8, 2.3), (10, 2.2), (12, 2.1)]
+    report.report(runs, str(tmp_path / "out"))
+    text = (tmp_path / "out" / "summary.md").read_text()
+    assert "- `t-anneal8-cosine-4ba` leaves `t` at batch 10" in text

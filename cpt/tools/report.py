@@ -71,6 +71,39 @@ def pick_pair(runs: list[Run], upstream: str | None, downstream: str | None) -> 
     raise ValueError(f"name the upstream and downstream datasets (--upstream/--downstream); the runs log {found}")
 
 
+def families(runs: list[Run]) -> dict[str, str]:
+    """``{branch label: trunk label}`` for runs named as ``cpt anneal`` names branches (``<trunk>-anneal<B>-...``)."""
+    labels = {r.label for r in runs}
+    out = {}
+    for run in runs:
+        trunk, sep, _ = run.label.rpartition("-anneal")
+        if sep and trunk in labels:
+            out[run.label] = trunk
+    return out
+
+
+def _family_style(runs: list[Run]) -> dict[str, dict]:
+    """Line styles: a branch in its trunk's colour, dashed; other runs in colours of their own."""
+    branch_of, styles, palette = families(runs), {}, iter(f"C{i}" for i in range(1000))
+    for run in runs:
+        if run.label not in branch_of:
+            styles[run.label] = {"color": next(palette), "ls": "-"}
+    for run in runs:
+        if run.label in branch_of:
+            styles[run.label] = {"color": styles[branch_of[run.label]]["color"], "ls": "--"}
+    return styles
+
+
+def _with_trunk(run: Run, key: str, by_label: dict[str, Run], branch_of: dict[str, str]):
+    """``run.series(key)``; a branch's starts at its trunk's point where it leaves it, so the curve joins it."""
+    s = run.series(key)
+    trunk = by_label.get(branch_of.get(run.label, ""))
+    if trunk is None or not s:
+        return s
+    before = [p for p in trunk.series(key) if p[0] <= s[0][0]]
+    return ([before[-1]] if before and before[-1][0] < s[0][0] else []) + s
+
+
 def lr_key(run: Run) -> str | None:
     keys = sorted({k for r in run.rows.values() for k in r if k.startswith("lr-")})
     return keys[0] if keys else None
@@ -93,12 +126,13 @@ def _write(runs: list[Run], out: str, upstream: str | None, downstream: str | No
     up, down = pick_pair(runs, upstream, downstream)
     os.makedirs(out, exist_ok=True)
     all_key = "metrics/eval/{}/all/" + CE
+    styles, branch_of, by_label = _family_style(runs), families(runs), {r.label: r for r in runs}
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for run in runs:
         for ax, ds in zip(axes, (up, down)):
-            s = run.series(all_key.format(ds))
-            ax.plot([t / 1e6 for _, t, _ in s], [v for _, _, v in s], marker=".", label=run.label)
+            s = _with_trunk(run, all_key.format(ds), by_label, branch_of)
+            ax.plot([t / 1e6 for _, t, _ in s], [v for _, _, v in s], marker=".", label=run.label, **styles[run.label])
     for ax, ds, what in zip(axes, (up, down), ("upstream", "downstream")):
         ax.set(title=f"{what} ({ds}) validation loss", xlabel="tokens (millions)", ylabel="cross-entropy")
         ax.grid(alpha=0.3)
@@ -111,8 +145,8 @@ def _write(runs: list[Run], out: str, upstream: str | None, downstream: str | No
     for run in runs:
         key = lr_key(run)
         if key:
-            s = run.series(key)
-            ax.plot([t / 1e6 for _, t, _ in s], [v for _, _, v in s], label=run.label)
+            s = _with_trunk(run, key, by_label, branch_of)
+            ax.plot([t / 1e6 for _, t, _ in s], [v for _, _, v in s], label=run.label, **styles[run.label])
     ax.set(title="learning rate", xlabel="tokens (millions)", ylabel="LR")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -147,6 +181,14 @@ def _write(runs: list[Run], out: str, upstream: str | None, downstream: str | No
         f"Upstream: `{up}`, downstream: `{down}`. Loss is the token-weighted cross-entropy "
         "over each validation set; a change is last evaluation minus first.",
         "",
+    ]
+    if branch_of:
+        lines += ["Branches (dashed, in their trunk's colour in the figures):", ""]
+        for branch, trunk in branch_of.items():
+            start = by_label[branch].series(all_key.format(up))
+            lines.append(f"- `{branch}` leaves `{trunk}` at batch {start[0][0] if start else '?'}")
+        lines.append("")
+    lines += [
         "| run | last batch | upstream first | upstream last | downstream first | downstream last | "
         "upstream change | downstream change |",
         "|---|---|---|---|---|---|---|---|",
