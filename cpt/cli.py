@@ -49,9 +49,15 @@ def _train(args: argparse.Namespace) -> int:
 
 def _quickstart(args: argparse.Namespace) -> int:
     from cpt.io.storage import local_only
+
+    if args.branches:
+        from cpt.tools.branches import branches_demo
+
+        branches_demo(local_only(args.out or "quickstart-branches", "--out"))
+        return 0
     from cpt.tools.quickstart import quickstart
 
-    quickstart(local_only(args.out, "--out"), args.s3)
+    quickstart(local_only(args.out or "quickstart", "--out"), args.s3)
     return 0
 
 
@@ -159,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_train)
 
     p = sub.add_parser("quickstart", help="the whole method offline on a CPU in a few minutes, with a report")
-    p.add_argument("--out", default="quickstart", help="work folder (default: ./quickstart)")
+    p.add_argument("--out", help="work folder (default: ./quickstart, or ./quickstart-branches)")
+    p.add_argument("--branches", action="store_true", help="the second demo: anneal branches and averaging vs cosine")
     p.add_argument("--s3", help="s3:// prefix for data and checkpoints (set S3_ENDPOINT_URL for a local store)")
     p.set_defaults(fn=_quickstart)
 

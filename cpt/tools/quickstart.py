@@ -91,18 +91,35 @@ def base_config(
     }
 
 
-def _train(cfg: dict, work: str) -> list[dict]:
+def train_config(cfg: dict, work: str) -> list[dict]:
     path = os.path.join(work, f"{cfg['run_name']}.yaml")
     with open(path, "w") as fh:
         yaml.safe_dump(cfg, fh, sort_keys=False)
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "cpt.train", path], capture_output=True, text=True, cwd=work)
-    if proc.returncode:
-        raise RuntimeError(f"training {cfg['run_name']} failed:\n{proc.stderr[-4000:]}")
-    print(f"  trained {cfg['run_name']} in {time.perf_counter() - t0:.0f}s", flush=True)
+    train_yaml(path, cfg["run_name"], work)
     metrics = os.path.join(cfg["cpt"]["run_dir"], cfg["run_name"], "metrics.jsonl")
     with open(metrics) as fh:
         return [json.loads(line) for line in fh]
+
+
+def train_yaml(path: str, name: str, work: str) -> None:
+    """``python -m cpt.train <path>``: the same path as a GPU run."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "cpt.train", path], capture_output=True, text=True, cwd=work)
+    if proc.returncode:
+        raise RuntimeError(f"training {name} failed:\n{proc.stderr[-4000:]}")
+    print(f"  trained {name} in {time.perf_counter() - t0:.0f}s", flush=True)
+
+
+def make_corpora(work: str, root: str) -> None:
+    """The generated upstream and downstream corpora, converted to MDS under ``<root>/data``."""
+    for name, styles, seed in (("upstream", UPSTREAM, 1), ("downstream", DOWNSTREAM, 2)):
+        for split, docs in (("train", 600), ("val", 60)):
+            src = os.path.join(work, f"{name}-{split}.jsonl")
+            synthetic.write_jsonl(src, styles, docs=docs, seed=seed * 10 + len(split), domain_key=KEY)
+            convert(
+                [src], storage.join(root, "data", name), split, synthetic.TOKENIZER, KEY, seq_len=SEQ, workers=1,
+                progress=False,
+            )  # fmt: skip
 
 
 def early_batches(cpt_steps: int) -> range:
@@ -185,13 +202,8 @@ def quickstart(
     work = os.path.abspath(work)
     os.makedirs(work, exist_ok=True)
     root = s3 or work
-    tok = synthetic.TOKENIZER  # Pythia's, shipped in cpt/assets
     print("1/4 generating and converting upstream and downstream text", flush=True)
-    for name, styles, seed in (("upstream", UPSTREAM, 1), ("downstream", DOWNSTREAM, 2)):
-        for split, docs in (("train", 600), ("val", 60)):
-            src = os.path.join(work, f"{name}-{split}.jsonl")
-            synthetic.write_jsonl(src, styles, docs=docs, seed=seed * 10 + len(split), domain_key=KEY)
-            convert([src], storage.join(root, "data", name), split, tok, KEY, seq_len=SEQ, workers=1, progress=False)
+    make_corpora(work, root)
     arch = save_tiny_pythia(os.path.join(work, "tiny-arch"), seq_len=SEQ)
     print("2/4 pre-training on upstream", flush=True)
     pre = base_config(
@@ -207,7 +219,7 @@ def quickstart(
         eval_every=pretrain_steps,
     )
     pre["cpt"]["eval"].update(warmup_interval=None, at_peak=False)  # pre-training: evaluate first and last only
-    _train(pre, work)
+    train_config(pre, work)
     newest = checkpoints(pre["save_folder"])[0][1]  # ep<N>-ba<steps>: N counts passes over the data
     base = export(storage.join(pre["save_folder"], newest), os.path.join(work, "pretrained"))
     print("3/4 continuing on downstream under three schedules", flush=True)
@@ -215,7 +227,7 @@ def quickstart(
     for name, (sched, lr) in SCHEDULES.items():
         run = f"cpt-{name}"
         cfg = base_config(root, work, run, base, ["downstream"], lr, dict(sched), cpt_steps, False, eval_every=8)
-        _train(cfg, work)
+        train_config(cfg, work)
         runs.append(report.load(os.path.join(cfg["cpt"]["run_dir"], cfg["run_name"]), label=name))
     print("4/4 writing the report", flush=True)
     summary = summarize(runs, cpt_steps)
