@@ -85,3 +85,17 @@ def test_of_launches_released_together_exactly_one_takes_the_lock(where, tmp_pat
             k, what = line.split()
             takes[int(k)] += what == "took"
     assert takes == {k: 1 for k in range(trials)}, takes
+
+
+def test_the_cache_lock_does_not_follow_a_symlink(tmp_path):
+    from cpt.io.cache import locked
+
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me")
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    (folder / ".lock").symlink_to(victim)  # planted by someone else
+    with pytest.raises(storage.StorageError, match="is a symlink"):
+        with locked(str(folder)):
+            pass
+    assert victim.read_text() == "keep me"  # neither truncated nor locked through the link

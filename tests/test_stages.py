@@ -244,3 +244,42 @@ def test_an_average_equals_the_mean_computed_here(setup, trunk, tmp_path):
         by_hand = 0.5 * (0.5 * w[8][full].double() + 0.5 * w[12][full].double()) + 0.5 * w[16][full].double()
         assert torch.allclose(ema[key].double(), by_hand, atol=1e-6), key
     assert main(["average", trunk, str(tmp_path / "none"), "--from", "100"]) == 2
+
+
+def test_evaluate_equals_the_models_own_loss(setup):
+    """The demo's evaluation of a Hugging Face folder, against HF's own (mean) loss on the same samples."""
+    from transformers import GPTNeoXForCausalLM
+
+    from cpt.data.manifest import read
+    from cpt.tools.branches import _samples, evaluate
+
+    split = str(setup / "data" / "upstream" / "val")
+    got = evaluate(str(setup / "model"), {"up": split})["up"]
+    model = GPTNeoXForCausalLM.from_pretrained(setup / "model").eval()
+    total = count = 0
+    for _, stats in read(split).domains.items():
+        for tokens in _samples(f"{split}/{stats.slug}"):
+            ids = torch.as_tensor(tokens.astype("int64"))[None]
+            with torch.no_grad():
+                total += model(input_ids=ids, labels=ids).loss.item() * (ids.shape[1] - 1)
+            count += ids.shape[1] - 1
+    assert count > 0 and got == pytest.approx(total / count, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_the_branches_demo_runs_and_says_what_held(tmp_path):
+    from cpt.tools.branches import branches_demo
+
+    s = branches_demo(str(tmp_path / "demo"), steps=24, every=4, length=4)
+    assert s["averaged_batches"] == [16, 20, 24]
+    assert set(s["loss"]) == {
+        "trunk (constant LR)", "branch at 12", "branch at 20 (ends with the trunk)", "cosine",
+        "average of batches [16, 20, 24]",
+    }  # fmt: skip
+    assert all(0 < v < 20 for model in s["loss"].values() for v in model.values())
+    assert len(s["held"]) == 3 and all(isinstance(v, bool) for v in s["held"].values())
+    text = (tmp_path / "demo" / "branches.md").read_text()
+    assert text.count("yes") + text.count("NO") == 3
+    for f in ("loss.png", "lr.png", "summary.md", "branches/trunk-anneal12-1-sqrt-4ba.yaml"):
+        assert (tmp_path / "demo" / f).is_file(), f
+    assert "- `trunk-anneal20-1-sqrt-4ba` leaves `trunk`" in (tmp_path / "demo" / "summary.md").read_text()

@@ -88,6 +88,8 @@ def plan_branch(
     OmegaConf.update(
         cfg, "cpt.init", {"from": storage.join(trunk_folder, ck.name), "carry": list(config.CARRY)}, merge=False
     )
+    if OmegaConf.select(cfg, "cpt.from_scratch"):
+        cfg.cpt.from_scratch = False  # a trunk trained from scratch: the branch starts from its checkpoint
     check = copy.deepcopy(cfg)
     OmegaConf.resolve(check)
     config.check(check, f"branch {name}")  # the branch's YAML is a valid run before it is written
