@@ -73,10 +73,10 @@ def test_a_trunk_and_its_branches_are_drawn_as_one_family(tmp_path):
     styles = report._family_style(runs)
     assert styles["t-anneal8-cosine-4ba"] == {"color": styles["t"]["color"], "ls": "--"}
     assert styles["other"]["color"] != styles["t"]["color"]
-    # the branch's curve starts at the trunk's point where it leaves it (batch 8, before its own first at 10)
+    # the branch's curve starts at the trunk's point where it leaves it (batch 8, named; its own first is at 10)
     key = "metrics/eval/pile/all/LanguageCrossEntropy"
     joined = report._with_trunk(runs[1], key, {r.label: r for r in runs}, report.families(runs))
     assert [(b, v) for b, _, v in joined] == [(8, 2.3), (10, 2.2), (12, 2.1)]
     report.report(runs, str(tmp_path / "out"))
     text = (tmp_path / "out" / "summary.md").read_text()
-    assert "- `t-anneal8-cosine-4ba` leaves `t` at batch 10" in text
+    assert "- `t-anneal8-cosine-4ba` leaves `t` at batch 8" in text and (tmp_path / "out" / "families.png").is_file()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 
 from cpt.io import storage
@@ -94,14 +95,49 @@ def _family_style(runs: list[Run]) -> dict[str, dict]:
     return styles
 
 
+def branch_point(label: str) -> int | None:
+    """The trunk's batch a branch leaves at, from its name (``<trunk>-anneal<B>-...``)."""
+    m = re.search(r"-anneal(\d+)-", label)
+    return int(m.group(1)) if m else None
+
+
 def _with_trunk(run: Run, key: str, by_label: dict[str, Run], branch_of: dict[str, str]):
-    """``run.series(key)``; a branch's starts at its trunk's point where it leaves it, so the curve joins it."""
+    """``run.series(key)``; a branch's starts at its trunk's last point at or before the batch it leaves at, so
+    the curve joins the trunk's."""
     s = run.series(key)
     trunk = by_label.get(branch_of.get(run.label, ""))
     if trunk is None or not s:
         return s
-    before = [p for p in trunk.series(key) if p[0] <= s[0][0]]
+    leaves = min(branch_point(run.label) or s[0][0], s[0][0])
+    before = [p for p in trunk.series(key) if p[0] <= leaves]
     return ([before[-1]] if before and before[-1][0] < s[0][0] else []) + s
+
+
+def _families_png(runs, datasets, all_key, styles, branch_of, by_label, path) -> None:
+    """Each trunk from just before its first branch on, with its branches: where the branches differ."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, ds in zip(axes, datasets):
+        key = all_key.format(ds)
+        for trunk in sorted(set(branch_of.values())):
+            family = [by_label[trunk]] + [by_label[b] for b, t in branch_of.items() if t == trunk]
+            starts = [branch_point(r.label) or s[0][0] for r in family[1:] if (s := r.series(key))]
+            if not starts:
+                continue
+            earlier = [b for b, _, _ in by_label[trunk].series(key) if b < min(starts)]
+            first = earlier[-1] if earlier else min(starts)
+            for run in family:
+                s = [p for p in _with_trunk(run, key, by_label, branch_of) if p[0] >= first]
+                ax.plot(
+                    [t / 1e6 for _, t, _ in s], [v for _, _, v in s], marker=".", label=run.label, **styles[run.label]
+                )
+        ax.set(title=f"{ds}: trunks and their anneal branches", xlabel="tokens (millions)", ylabel="cross-entropy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def lr_key(run: Run) -> str | None:
@@ -140,6 +176,9 @@ def _write(runs: list[Run], out: str, upstream: str | None, downstream: str | No
     fig.tight_layout()
     fig.savefig(os.path.join(out, "loss.png"), dpi=110)
     plt.close(fig)
+
+    if branch_of:
+        _families_png(runs, (up, down), all_key, styles, branch_of, by_label, os.path.join(out, "families.png"))
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for run in runs:
@@ -185,8 +224,7 @@ def _write(runs: list[Run], out: str, upstream: str | None, downstream: str | No
     if branch_of:
         lines += ["Branches (dashed, in their trunk's colour in the figures):", ""]
         for branch, trunk in branch_of.items():
-            start = by_label[branch].series(all_key.format(up))
-            lines.append(f"- `{branch}` leaves `{trunk}` at batch {start[0][0] if start else '?'}")
+            lines.append(f"- `{branch}` leaves `{trunk}` at batch {branch_point(branch)}")
         lines.append("")
     lines += [
         "| run | last batch | upstream first | upstream last | downstream first | downstream last | "
@@ -214,5 +252,7 @@ def _write(runs: list[Run], out: str, upstream: str | None, downstream: str | No
                 cells.append(f"{math.exp(s[-1][2]):.2f}" if s else "-")
             lines.append(f"| {dom} | " + " | ".join(cells) + " |")
     lines += ["", "![loss](loss.png)", "", "![learning rate](lr.png)", "", "![forgetting](forgetting.png)", ""]
+    if branch_of:
+        lines += ["![trunks and their branches](families.png)", ""]
     with open(os.path.join(out, "summary.md"), "w") as fh:
         fh.write("\n".join(lines))
