@@ -27,7 +27,9 @@ print(json.dumps({"seconds": time.perf_counter() - t,
 
 BASELINE = """
 import json, resource
-import torch, transformers, composer, llmfoundry  # what average imports
+import torch, transformers, composer.models.huggingface, tqdm  # what cpt average imports
+from transformers import GPTNeoXForCausalLM
+from cpt.tools import average, export
 print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -80,7 +82,7 @@ def main() -> None:
     size = sorted(folder.glob("*.pt"))[0].stat().st_size
     print(f"model: {n / 1e6:.1f}M parameters, {n * 4 / 2**20:.0f} MB in float32; one checkpoint {size / 2**20:.0f} MB")
     base = json.loads(subprocess.run([sys.executable, "-c", BASELINE], capture_output=True, text=True).stdout)
-    print(f"a process that imports the stack and does nothing: {base['peak_mb']:.0f} MB peak")
+    print(f"a process that imports what cpt average imports and does nothing: {base['peak_mb']:.0f} MB peak")
     print(f"{'checkpoints':>12} {'seconds':>8} {'peak MB':>8} {'above imports, MB':>18}")
     for k in (1, 2, 4, 8):
         proc = subprocess.run([sys.executable, "-c", AVERAGE, str(folder), str(tmp / f"out-{k}"), str(k)],
