@@ -209,3 +209,26 @@ def tiny_project():
     from cpt.data.synthetic import tiny_project
 
     return tiny_project
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tiny_project):
+    """A tiny project (two one-domain splits, a 128-position model) for checking configs and plans."""
+    domains = {"upstream": {"Pile-CC": "prose"}, "downstream": {"Pile-CC": "prose"}}
+    return tiny_project(tmp_path_factory.mktemp("cfg"), domains, {"train": 20, "val": 20}, model_seq_len=128)
+
+
+def load_tiny(tiny: Path, *overrides: str):
+    """``yamls/tiny-cpu.yaml`` pointed at the ``tiny`` project, with overrides."""
+    from cpt import config
+
+    return config.load(
+        str(ROOT / "yamls" / "tiny-cpu.yaml"),
+        [
+            f"variables.data={tiny / 'data'}",
+            f"variables.model={tiny / 'model'}",
+            f"variables.save_folder={tiny / 'ck'}",
+            f"cpt.run_dir={tiny / 'runs'}",
+            *overrides,
+        ],
+    )

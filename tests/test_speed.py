@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import load_tiny
 
 from cpt import config
 from cpt.run import mfu
@@ -32,24 +33,8 @@ def test_peak_flops_table(name, precision, peak):
     assert mfu.peak_flops(name, precision) == peak
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tiny_project):
-    domains = {"upstream": {"Pile-CC": "prose"}, "downstream": {"Pile-CC": "prose"}}
-    return tiny_project(tmp_path_factory.mktemp("speed"), domains, {"train": 20, "val": 20}, model_seq_len=128)
-
-
 def plan(tiny, *overrides) -> Plan:
-    cfg = config.load(
-        TINY,
-        [
-            f"variables.data={tiny / 'data'}",
-            f"variables.model={tiny / 'model'}",
-            f"variables.save_folder={tiny / 'ck'}",
-            f"cpt.run_dir={tiny / 'runs'}",
-            *overrides,
-        ],
-    )
-    return Plan.from_config(cfg, TINY)
+    return Plan.from_config(load_tiny(tiny, *overrides), TINY)
 
 
 def test_the_speed_monitor_gets_the_gpus_peak(tiny, monkeypatch):

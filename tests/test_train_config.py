@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import load_tiny
 
 from cpt import config
 from cpt.run.plan import Plan
@@ -13,27 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "yamls" / "tiny-cpu.yaml")
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tiny_project):
-    domains = {"upstream": {"Pile-CC": "prose"}, "downstream": {"Pile-CC": "prose"}}
-    return tiny_project(tmp_path_factory.mktemp("cfg"), domains, {"train": 20, "val": 20}, model_seq_len=128)
-
-
-def load(tiny, *overrides):
-    return config.load(
-        TINY,
-        [
-            f"variables.data={tiny / 'data'}",
-            f"variables.model={tiny / 'model'}",
-            f"variables.save_folder={tiny / 'ck'}",
-            f"cpt.run_dir={tiny / 'runs'}",
-            *overrides,
-        ],
-    )
-
-
 def test_good_config_expands_for_llmfoundry(tiny):
-    out = Plan.from_config(load(tiny), TINY).to_foundry()
+    out = Plan.from_config(load_tiny(tiny), TINY).to_foundry()
     assert out.model.name == "cpt_pythia" and out.model.pretrained is True
     assert out.model.attn_implementation == "sdpa"
     assert out.tokenizer.kwargs.pad_token == "<|padding|>"  # never EOS: EOS stays in the loss
@@ -60,9 +42,9 @@ def test_good_config_expands_for_llmfoundry(tiny):
 )
 def test_bad_configs_fail_before_training(tiny, overrides, message):
     with pytest.raises(config.ConfigError, match=message):
-        Plan.from_config(load(tiny, *overrides), TINY)
+        Plan.from_config(load_tiny(tiny, *overrides), TINY)
 
 
 def test_missing_s3_path_is_named(tiny, s3_bucket):
     with pytest.raises(config.ConfigError, match=f"missing manifest {s3_bucket}/nope/downstream/train/manifest.json"):
-        Plan.from_config(load(tiny, f"variables.data={s3_bucket}/nope"), TINY)
+        Plan.from_config(load_tiny(tiny, f"variables.data={s3_bucket}/nope"), TINY)

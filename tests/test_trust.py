@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import zstandard
+from conftest import load_tiny
 
 from cpt import config
 from cpt.cli import main
@@ -31,25 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "yamls" / "tiny-cpu.yaml")
 PAPER = str(ROOT / "yamls" / "pythia-410m" / "cpt.yaml")
 KEY = DOMAIN_KEYS["pile"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tiny_project):
-    domains = {"upstream": {"Pile-CC": "prose"}, "downstream": {"Pile-CC": "prose"}}
-    return tiny_project(tmp_path_factory.mktemp("trust"), domains, {"train": 20, "val": 20}, model_seq_len=128)
-
-
-def load(tiny, *overrides):
-    return config.load(
-        TINY,
-        [
-            f"variables.data={tiny / 'data'}",
-            f"variables.model={tiny / 'model'}",
-            f"variables.save_folder={tiny / 'ck'}",
-            f"cpt.run_dir={tiny / 'runs'}",
-            *overrides,
-        ],
-    )
 
 
 class Payload:
@@ -74,9 +56,9 @@ def test_a_model_folder_with_code_is_refused_and_its_code_never_runs(tiny, tmp_p
     cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilModel", "AutoConfig": "modeling_evil.EvilConfig"}
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(config.ConfigError, match="auto_map.*modeling_evil.py.*cpt.trust_remote_code: true"):
-        Plan.from_config(load(tiny, f"variables.model={folder}"), TINY)
+        Plan.from_config(load_tiny(tiny, f"variables.model={folder}"), TINY)
     assert not marker.exists()
-    out = Plan.from_config(load(tiny), TINY).to_foundry()  # and remote code is off for llm-foundry as well
+    out = Plan.from_config(load_tiny(tiny), TINY).to_foundry()  # and remote code is off for llm-foundry as well
     assert out.model.trust_remote_code is False and out.tokenizer.kwargs.trust_remote_code is False
 
 
@@ -88,10 +70,10 @@ def test_a_model_folder_whose_tokenizer_has_no_eos_is_refused_naming_cpt_model(t
         data["eos_token"] = None  # GPT-NeoX's tokenizer class has a default: say there is none
         (folder / name).write_text(json.dumps(data))
     with pytest.raises(config.ConfigError, match=f"cpt.model: {folder}'s tokenizer has no EOS token"):
-        Plan.from_config(load(tiny, f"variables.model={folder}"), TINY)
+        Plan.from_config(load_tiny(tiny, f"variables.model={folder}"), TINY)
     (folder / "model.safetensors").unlink()
     with pytest.raises(config.ConfigError, match="holds no weights"):
-        Plan.from_config(load(tiny, f"variables.model={folder}"), TINY)
+        Plan.from_config(load_tiny(tiny, f"variables.model={folder}"), TINY)
 
 
 # ---- 2. checkpoints are never unpickled blindly --------------------------------------------------------------
@@ -104,7 +86,7 @@ def test_a_pickled_payload_in_the_save_folder_is_refused_not_run(tiny, tmp_path,
     for folder in (str(tmp_path / "save"), f"{s3_bucket}/runs/evil"):
         storage.upload_file(str(evil), storage.join(folder, "ep0-ba9-rank0.pt"))
         with pytest.raises(config.ConfigError, match=r"ep0-ba9-rank0.pt: refusing to load.*GLOBAL posix.system"):
-            Plan.from_config(load(tiny, f"variables.save_folder={folder}"), TINY)
+            Plan.from_config(load_tiny(tiny, f"variables.save_folder={folder}"), TINY)
     assert main(["export", str(evil), str(tmp_path / "hf")]) == 2
     assert not marker.exists() and not (tmp_path / "hf").exists()
 
@@ -353,7 +335,7 @@ def test_bad_values_stop_before_any_work_naming_the_key(overrides, message, caps
 
 def test_an_unreachable_bucket_is_a_config_error_naming_it(tiny, s3_bucket):
     with pytest.raises(config.ConfigError, match=f"{s3_bucket}-missing"):
-        Plan.from_config(load(tiny, f"variables.save_folder={s3_bucket}-missing/ck"), TINY)
+        Plan.from_config(load_tiny(tiny, f"variables.save_folder={s3_bucket}-missing/ck"), TINY)
 
 
 # ---- 9. secrets stay secret ---------------------------------------------------------------------------------
@@ -395,7 +377,7 @@ def test_credentials_in_the_endpoint_url_never_reach_an_error_message(monkeypatc
 
 
 def test_the_run_logs_its_config_with_secrets_masked(tiny):
-    out = Plan.from_config(load(tiny, "variables.run_name=masked", "loggers={wandb: {api_key: k-123}}"), TINY)
+    out = Plan.from_config(load_tiny(tiny, "variables.run_name=masked", "loggers={wandb: {api_key: k-123}}"), TINY)
     foundry = out.to_foundry()
     assert foundry.log_config is False
     shown = foundry.callbacks.cpt_config_log.config

@@ -35,14 +35,19 @@ def allowlist() -> list:
 
 def load(path: str, mmap: bool = False):
     """``torch.load`` of a local checkpoint file with ``weights_only=True`` and the allowlist."""
+    return _restricted(path, path, mmap)
+
+
+def _restricted(source, where: str, mmap: bool = False):
+    """``torch.load(source, weights_only=True)`` with the allowlist; a refusal names ``where`` and the global."""
     import torch
 
     try:
         with torch.serialization.safe_globals(allowlist()):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         raise UnsafeCheckpointError(
-            f"{path}: refusing to load this checkpoint: it asks for code or types that a Composer checkpoint never "
+            f"{where}: refusing to load this checkpoint: it asks for code or types that a Composer checkpoint never "
             f"holds ({_detail(exc)})"
         ) from exc
 
@@ -98,20 +103,7 @@ def _check_sharded(folder: str) -> None:
         with open(shard, "rb") as fh:
             fh.seek(info.offset)
             data = fh.read(info.length)
-        _load_bytes(data, f"{shard} (item {index.fqn})")
-
-
-def _load_bytes(data: bytes, where: str) -> None:
-    import torch
-
-    try:
-        with torch.serialization.safe_globals(allowlist()):
-            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise UnsafeCheckpointError(
-            f"{where}: refusing to load this checkpoint: it asks for code or types that a Composer checkpoint "
-            f"never holds ({_detail(exc)})"
-        ) from exc
+        _restricted(io.BytesIO(data), f"{shard} (item {index.fqn})")
 
 
 def _detail(exc: Exception) -> str:
