@@ -10,7 +10,7 @@
   .to_foundry()`` + llm-foundry's ``train()``, as ``python -m cpt.train`` does; evaluation off.
   - "cpt today": the plain loss (full logits), micro-batch 16, compiled;
   - each lever alone, on top of "cpt today compiled": the fused linear cross-entropy (``cpt.loss.impl``
-    ``liger`` and ``chunked``), micro-batch 32, ``torch.compile`` mode ``max-autotune-no-cudagraphs``, 2
+    ``liger`` and ``chunked``), micro-batch x2 (32), ``torch.compile`` mode ``max-autotune-no-cudagraphs``, 2
     data-loader workers instead of 8. FSDP's settings (``limit_all_gathers``, ``forward_prefetch``,
     ``use_orig_params``) need two or more GPUs: llm-foundry turns FSDP off on one, so they are not measured
     on one;
@@ -177,7 +177,7 @@ def run_cpt(work: Path, shape: dict, compile_: bool, device: str, overrides: lis
     return {
         "tokens_per_sec": [r["throughput/tokens_per_sec"] for r in rows if "throughput/tokens_per_sec" in r][-1],
         "wall_s": time.perf_counter() - t0,
-        "evaluations": sum(1 for r in rows if any(k.startswith("metrics/eval/") for k in r)),
+        "evaluations": len({r["batch"] for r in rows if any(k.startswith("metrics/eval/") for k in r)}),
     }
 
 
@@ -251,7 +251,7 @@ def child(args) -> None:
 LEVERS = {  # name -> overrides on top of "cpt today compiled"
     "fused CE (liger)": ["cpt.loss.impl=liger"],
     "fused CE (chunked)": ["cpt.loss.impl=chunked"],
-    "micro-batch 32": ["__micro__=2"],
+    "micro-batch x2": ["__micro__=2"],
     "compile max-autotune-no-cudagraphs": ["compile_config={mode: max-autotune-no-cudagraphs}"],
     "2 loader workers": ["cpt.num_workers=2"],
 }
