@@ -17,7 +17,7 @@ def tiny(tmp_path_factory) -> str:
     return save_tiny_pythia(str(tmp_path_factory.mktemp("loss") / "m"), seed=7, seq_len=64)
 
 
-def composer_model(folder: str, impl: str):
+def composer_model(folder: str, impl: str, **kwargs):
     from transformers import AutoTokenizer
 
     from cpt.model import CptPythia
@@ -26,11 +26,11 @@ def composer_model(folder: str, impl: str):
     return CptPythia(
         tokenizer=AutoTokenizer.from_pretrained(folder, pad_token="<|padding|>"),
         pretrained_model_name_or_path=folder,
-        pretrained=True,
         attn_implementation="sdpa",
         use_train_metrics=False,
         loss_impl=impl,
         loss_chunk=37,  # not a divisor of the 2 x 64 tokens: the last chunk is short
+        **{"pretrained": True, **kwargs},
     )
 
 
@@ -121,16 +121,5 @@ def test_liger_and_chunked_equal_plain_on_gpu_in_bf16(tiny):
 
 def test_a_from_scratch_model_is_built_through_llm_foundrys_from_config(tiny):
     """``cpt.from_scratch``: llm-foundry builds the model with ``from_config`` and AutoModel's keywords."""
-    from transformers import AutoTokenizer
-
-    from cpt.model import CptPythia
-
-    model = CptPythia(
-        tokenizer=AutoTokenizer.from_pretrained(tiny, pad_token="<|padding|>"),
-        pretrained_model_name_or_path=tiny,
-        pretrained=False,
-        attn_implementation="sdpa",
-        use_train_metrics=False,
-        trust_remote_code=False,
-    )
+    model = composer_model(tiny, "plain", pretrained=False, trust_remote_code=False)
     assert type(model.model).__name__ == "CptGPTNeoXForCausalLM" and model.model.config.num_hidden_layers == 2

@@ -131,6 +131,22 @@ def _fetch_sharded(save_folder: str, name: str, cache: str) -> tuple[str | None,
     return local, ""
 
 
+def _localise(folder: str, name: str, cache: str) -> tuple[str | None, str]:
+    """``(local path, '')`` for the checkpoint ``name`` in ``folder`` once it passed its integrity check
+    (downloaded into ``cache`` from ``s3://``), else ``(None, why)``."""
+    if _SHARDED.match(name):
+        return _fetch_sharded(folder, name, cache)
+    url = storage.join(folder, name)
+    local = url
+    if storage.is_s3(folder):
+        local = os.path.join(cache, name)
+        if not (os.path.isfile(local) and intact(local)):
+            storage.download_file(url, local)
+    if not intact(local):
+        return None, "not an intact checkpoint: a zip member fails its CRC, or it is missing"
+    return local, ""
+
+
 def fetch(url: str, cache: str) -> Checkpoint:
     """One named checkpoint (``.../ep0-ba8-rank0.pt`` or a sharded ``.../ep0-ba8``), local or ``s3://``: a local
     path to it after the same checks as for resume; ``ValueError`` naming what is wrong."""
@@ -140,18 +156,9 @@ def fetch(url: str, cache: str) -> Checkpoint:
     if batch is None:
         raise ValueError(f"{url} is not a checkpoint's name (ep<E>-ba<B>-rank0.pt, or ep<E>-ba<B>/ when sharded)")
     with locked(cache):
-        if _SHARDED.match(name):
-            local, why = _fetch_sharded(parent, name, cache)
-            if local is None:
-                raise ValueError(f"{url}: {why}")
-        else:
-            local = url
-            if storage.is_s3(url):
-                local = os.path.join(cache, name)
-                if not (os.path.isfile(local) and intact(local)):
-                    storage.download_file(url, local)
-            if not intact(local):
-                raise ValueError(f"{url}: not an intact checkpoint (a zip member fails its CRC, or it is missing)")
+        local, why = _localise(parent, name, cache)
+        if local is None:
+            raise ValueError(f"{url}: {why}")
         safe_load.check(local)
     return Checkpoint(batch, local, bool(_SHARDED.match(name)))
 
@@ -163,22 +170,15 @@ def find_resume(save_folder: str, cache: str, verb: str = "resuming from") -> Ch
     with locked(cache):  # ranks on one node download once
         for ck in listing(save_folder):
             url = storage.join(save_folder, ck.name)
-            if ck.sharded:
-                local, why = _fetch_sharded(save_folder, ck.name, cache)
-                if local is None:
+            local, why = _localise(save_folder, ck.name, cache)
+            if local is None:
+                if ck.sharded:
                     log.warning("skipping incomplete or corrupt sharded checkpoint %s: %s", url, why)
-                    continue
-            else:
-                local = url
-                if storage.is_s3(save_folder):
-                    local = os.path.join(cache, ck.name)
-                    if not (os.path.isfile(local) and intact(local)):
-                        storage.download_file(url, local)
-                if not intact(local):
+                else:
                     log.warning("skipping corrupt checkpoint %s: a zip member fails its CRC", url)
                     if not storage.is_s3(save_folder):
-                        os.replace(local, local + ".corrupt")
-                    continue
+                        os.replace(url, url + ".corrupt")
+                continue
             safe_load.check(local)  # Composer unpickles without restriction: only a file that passes reaches it
             log.info("%s %s (batch %d)", verb, url, ck.batch)
             return Checkpoint(ck.batch, local, ck.sharded)
