@@ -56,7 +56,7 @@ class Launcher:
             f"max_duration={self.max_batches}ba",
             f"save_interval={self.save_every}ba",
             "cpt.eval.interval=8ba",
-            "cpt.eval.warmup_interval=null",
+            "cpt.eval.early=null",
             "console_log_interval=1000ba",
         ]
         env = {**os.environ, "CPT_CACHE": str(self.project / "cache" / run), "CPT_FAULT": fault}

@@ -155,7 +155,7 @@ def run_cpt(work: Path, shape: dict, compile_: bool, device: str, overrides: lis
     cfg.cpt.train = {"synthetic": {"path": str(work / "data" / "train"), "proportion": 1.0}}
     cfg.cpt.eval.datasets = {"heldout": {"path": str(work / "data" / "val")}} if evals else {}
     cfg.cpt.eval.interval = f"{shape['eval_every']}ba"
-    cfg.cpt.eval.warmup_interval = None
+    cfg.cpt.eval.early = None
     cfg.cpt.eval.first = False
     cfg.cpt.eval.tokens_per_domain = shape["eval_tokens"]
     cfg.cpt.run_dir = str(work / "runs")
@@ -261,16 +261,11 @@ def paper_evaluations() -> int:
     """Evaluations the paper's YAML holds over its run: the cadence of ``cpt.run.plan`` and ``EvalCadence``."""
     from cpt import config
     from cpt.eval.domains import EvalCadence
+    from cpt.run.plan import cadence as cadence_args
 
     checked = config.check(config.load(str(PAPER)), str(PAPER))
-    e, clock = checked.section.eval, checked.clock
-    warm = checked.warmup_end
-    cadence = EvalCadence(
-        interval=int(clock.batches(e.interval, "interval")),
-        warmup_interval=int(clock.batches(e.warmup_interval, "w")) if e.warmup_interval else None,
-        warmup_end=warm,
-        peak=warm if e.at_peak and warm else None,
-    )
+    e = checked.section.eval
+    cadence = EvalCadence(**cadence_args(checked))
     total = checked.total_batches
     return sum(cadence.due(b) for b in range(1, total + 1)) + int(e.first) + int(not cadence.due(total))
 

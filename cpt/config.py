@@ -53,12 +53,35 @@ class EvalDataset:
     blends: dict[str, dict[str, float]] = field(default_factory=dict)  # name -> {domain: weight}
 
 
+TASK_KINDS = ("language_modeling", "multiple_choice", "schema")
+
+
+@dataclass
+class Task:
+    """A zero- or few-shot task (``cpt.eval.tasks.<name>``): a JSONL file in llm-foundry's ICL format."""
+
+    path: str  # local or s3://
+    kind: str  # language_modeling (context, continuation), multiple_choice (query, choices, gold), schema
+    fewshot: int = 0  # examples from the same file put before each question
+    examples: int | None = None  # examples scored per evaluation (the file's first ones); None: all
+
+
+@dataclass
+class Early:
+    """``cpt.eval.early``: evaluate every ``interval`` during the run's first stretch (``until``), whatever the
+    schedule, so that runs with and without a warmup are sampled alike."""
+
+    until: str  # e.g. 0.25dur, 500ba
+    interval: str  # e.g. 2ba
+
+
 @dataclass
 class Eval:
     datasets: dict[str, EvalDataset] = field(default_factory=dict)
+    tasks: dict[str, Task] = field(default_factory=dict)  # task accuracy, at the same cadence as perplexity
     tokens_per_domain: int | None = None  # budget per domain per evaluation; None: the whole domain
     interval: str = "1000ba"  # every N batches
-    warmup_interval: str | None = None  # denser while the LR re-warms
+    early: Early | None = None  # denser in the run's first stretch
     at_peak: bool = True  # once when the warmup ends
     first: bool = True  # before the first step
 
@@ -99,7 +122,7 @@ class Cpt:
     init: Init | None = None  # an earlier stage's checkpoint to start from (the save folder's own comes first)
     num_canonical_nodes: int = 1  # pinned, so the data order does not depend on the number of GPUs
     shuffle_seed: int = 17
-    num_workers: int = 8  # data loader workers per rank
+    num_workers: int | None = None  # data loader workers per rank; None: min(8, the CPUs this process may use)
     run_dir: str = "runs"  # local: <run_dir>/<run_name>/ holds metrics.jsonl and caches
     allow_fingerprint_change: bool = False  # resume onto different data anyway
     keep_checkpoints: int = 3  # newest checkpoints kept in save_folder (0: all); Composer never deletes remote ones
@@ -202,6 +225,12 @@ def load(path: str, overrides: list[str] | None = None) -> DictConfig:
 def cpt_section(cfg: DictConfig, path: str = "config") -> Cpt:
     if "cpt" not in cfg:
         raise ConfigError(f"{path}: missing the cpt: section")
+    ev = cfg.cpt.get("eval") if isinstance(cfg.cpt, DictConfig) else None
+    if isinstance(ev, DictConfig) and "warmup_interval" in ev:
+        raise ConfigError(
+            f"{path}: cpt.eval.warmup_interval is gone: dense early evaluation is cpt.eval.early: {{until: 0.25dur, "
+            "interval: 2ba}, the same for every schedule"
+        )
     try:
         return from_mapping(Cpt, OmegaConf.to_container(cfg.cpt), "cpt")
     except ConfigError as exc:
@@ -263,9 +292,11 @@ def check(cfg: DictConfig, path: str = "config") -> Checked:
             f"{path}: fsdp_config.sharded_ckpt_prefix_dir is cpt's (cpt.run.checkpoints names checkpoints); remove it"
         )
     scheduler, clock = _scheduler(cfg, glob * seq_len, path)
+    early = section.eval.early
     for key, value in (
         ("cpt.eval.interval", section.eval.interval),
-        ("cpt.eval.warmup_interval", section.eval.warmup_interval),
+        ("cpt.eval.early.until", early and early.until),
+        ("cpt.eval.early.interval", early and early.interval),
         ("save_interval", cfg.get("save_interval")),
     ):
         if value is not None:
@@ -331,6 +362,7 @@ def _check_values(cfg: DictConfig, section: Cpt, path: str) -> None:
             fail(f"cpt.train.{name}.proportion", src.proportion, "must be a positive number")
     urls = {f"cpt.train.{name}.path": src.path for name, src in section.train.items()}
     urls.update({f"cpt.eval.datasets.{name}.path": ds.path for name, ds in section.eval.datasets.items()})
+    urls.update({f"cpt.eval.tasks.{name}.path": t.path for name, t in section.eval.tasks.items()})
     urls.update({"cpt.model": section.model, "save_folder": cfg.get("save_folder")})
     for key, value in urls.items():
         try:
@@ -341,8 +373,17 @@ def _check_values(cfg: DictConfig, section: Cpt, path: str) -> None:
     tokens = section.eval.tokens_per_domain
     if tokens is not None and tokens < int(cfg.max_seq_len):
         fail("cpt.eval.tokens_per_domain", tokens, f"must be at least max_seq_len ({cfg.max_seq_len})")
+    for name, task in section.eval.tasks.items():
+        if not SAFE_NAME.fullmatch(name):
+            fail(f"cpt.eval.tasks.{name}", name, "must be a plain name (letters, digits, '.', '_', '-')")
+        if task.kind not in TASK_KINDS:
+            fail(f"cpt.eval.tasks.{name}.kind", task.kind, f"must be one of {', '.join(TASK_KINDS)}")
+        if task.fewshot < 0:
+            fail(f"cpt.eval.tasks.{name}.fewshot", task.fewshot, "must be at least 0")
+        if task.examples is not None and task.examples < 1:
+            fail(f"cpt.eval.tasks.{name}.examples", task.examples, "must be at least 1 (or null: all)")
     for key, value, low in (
-        ("cpt.num_workers", section.num_workers, 0),
+        ("cpt.num_workers", section.num_workers if section.num_workers is not None else 0, 0),
         ("cpt.keep_checkpoints", section.keep_checkpoints, 0),
         ("cpt.num_canonical_nodes", section.num_canonical_nodes, 1),
     ):

@@ -146,6 +146,7 @@ def _hf_model_class():
 def _composer_model_class():
     import torch
     from composer.metrics.nlp import LanguageCrossEntropy
+    from llmfoundry.eval.metrics import InContextLearningMetric
     from llmfoundry.models.hf import ComposerHFCausalLM
 
     from cpt import loss as fused
@@ -167,7 +168,8 @@ def _composer_model_class():
             fused.resolve(loss_impl, "cuda" if loss_impl == "liger" else "cpu")  # an unknown name fails now
             super().__init__(*args, **kwargs)
             self.model.loss_impl, self.model.loss_chunk = loss_impl, int(loss_chunk)
-            self.val_metrics = {k: v for k, v in self.val_metrics.items() if isinstance(v, LanguageCrossEntropy)}
+            keep = (LanguageCrossEntropy, InContextLearningMetric)  # perplexity, and task accuracy (cpt.eval.tasks)
+            self.val_metrics = {k: v for k, v in self.val_metrics.items() if isinstance(v, keep)}
             self._ce_cache = None
 
         def flops_per_batch(self, batch) -> float:
@@ -187,6 +189,7 @@ def _composer_model_class():
             if isinstance(outputs, summed):
                 metric.sum_loss += outputs.ce_sum.to(metric.sum_loss.device)
                 metric.total_items += outputs.tokens.to(metric.total_items.device)
+                _updated(metric)
                 return {}
             if self._ce_cache is None or self._ce_cache[0] is not outputs:
                 logits = outputs["logits"] if isinstance(outputs, dict) else outputs
@@ -198,9 +201,17 @@ def _composer_model_class():
             _, loss, items = self._ce_cache
             metric.sum_loss += loss.to(metric.sum_loss.device)
             metric.total_items += items.to(metric.total_items.device)
+            _updated(metric)
             return {}
 
     return CptPythia
+
+
+def _updated(metric) -> None:
+    """What torchmetrics' ``update`` wrapper records, for a metric whose sums cpt adds itself: without it every
+    evaluation warns "compute method ... was called before the update method"."""
+    metric._update_count += 1
+    metric._computed = None
 
 
 def __getattr__(name: str):  # the entry point names cpt.model:CptPythia; built lazily (imports llm-foundry)

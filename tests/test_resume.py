@@ -40,7 +40,7 @@ def launch(setup: Path, run: str, save_folder: str, *extra: str, fault: str = ""
         "max_duration=16ba",
         "save_interval=4ba",
         "cpt.eval.interval=8ba",
-        "cpt.eval.warmup_interval=null",
+        "cpt.eval.early=null",
         "cpt.keep_checkpoints=0",
         "cpt.log_samples=true",
         *extra,

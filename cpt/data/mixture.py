@@ -41,8 +41,15 @@ def train_loader(section: Cpt, seq_len: int, cache: str) -> dict:
             "num_canonical_nodes": section.num_canonical_nodes,
         },
         "drop_last": True,
-        **loader_workers(section.num_workers),
+        **loader_workers(section.num_workers if section.num_workers is not None else default_workers()),
     }
+
+
+def default_workers() -> int:
+    """``cpt.num_workers`` left unset: the CPUs this process may use, shared by the ranks on this node, at most 8
+    (torch warns when a loader has more workers than CPUs)."""
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(8, len(os.sched_getaffinity(0)) // max(1, ranks)))
 
 
 def location(path: str, cache: str) -> dict:

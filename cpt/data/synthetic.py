@@ -104,3 +104,58 @@ def tiny_project(
             )
     save_tiny_pythia(str(tmp / "model"), seq_len=model_seq_len)
     return tmp
+
+
+def _words(text: str) -> list[str]:
+    return [w.strip(".,;:!?\"'()") for w in text.split()]
+
+
+def next_word_choice(texts: list[str], n: int, seed: int, choices: int = 4, context: int = 24) -> list[dict]:
+    """A ``multiple_choice`` task (``query``, ``choices``, ``gold``) from documents: which word comes next? The
+    query is a stretch of ``context`` words, the gold choice the word that follows it, the others words from
+    other documents that the query does not hold."""
+    rng = random.Random(seed)
+    pool = sorted({w for t in texts for w in _words(t) if w.isalpha()})
+    rows = []
+    for _ in range(100 * n):
+        if len(rows) == n:
+            break
+        words = _words(rng.choice(texts))
+        if len(words) <= context:
+            continue
+        start = rng.randrange(len(words) - context)
+        query, answer = words[start : start + context], words[start + context]
+        wrong = [w for w in pool if w not in query and w != answer]
+        if not answer.isalpha() or len(wrong) < choices - 1:
+            continue
+        options = rng.sample(wrong, choices - 1)
+        gold = rng.randrange(choices)
+        options.insert(gold, answer)
+        rows.append({"query": " ".join(query), "choices": options, "gold": gold})
+    return rows
+
+
+def last_word(texts: list[str], n: int, seed: int, context: int = 24) -> list[dict]:
+    """A ``language_modeling`` task (``context``, ``continuation``), LAMBADA's shape: a stretch of words and the
+    word that follows it (with its leading space)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(100 * n):
+        if len(rows) == n:
+            break
+        words = _words(rng.choice(texts))
+        if len(words) <= context:
+            continue
+        start = rng.randrange(len(words) - context)
+        if words[start + context].isalpha():
+            rows.append(
+                {"context": " ".join(words[start : start + context]), "continuation": " " + words[start + context]}
+            )
+    return rows
+
+
+def write_task(path: str | Path, rows: list[dict]) -> str:
+    """One JSON object per line: the format ``cpt.eval.tasks`` and ``cpt eval`` read."""
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)

@@ -12,6 +12,7 @@ import os
 
 from composer.core import Callback, Event, State
 from composer.loggers import Logger
+from composer.utils import dist
 
 from cpt.config import ConfigError, Cpt
 from cpt.data.manifest import Manifest
@@ -125,22 +126,27 @@ def _pair(prefix: str, ce: float) -> dict[str, float]:
 
 
 class EvalCadence(Callback):
-    """The paper's cadence: every ``interval`` batches, every ``warmup_interval`` while the LR re-warms, once
-    at the LR peak, and at the end. ``eval_first`` (set by cpt) adds the evaluation before the first step.
+    """When to evaluate: every ``interval`` batches, every ``early_interval`` up to batch ``early_until`` (the
+    run's first stretch, whatever the schedule), once at the LR peak, and at the end. ``eval_first`` (set by cpt)
+    adds the evaluation before the first step. Every evaluator (domains and tasks) follows it.
 
-    Also gives every evaluator its per-domain budget in batches. Applied after the checkpoint is loaded.
+    Also gives each evaluator its budget in batches: ``subset_num_batches`` for a domain, and for a task with
+    ``examples`` set, enough batches of its own loader for that many examples. Applied after the checkpoint is
+    loaded.
     """
 
     def __init__(
         self,
         interval: int,
-        warmup_interval: int | None = None,
-        warmup_end: int = 0,
+        early_until: int = 0,
+        early_interval: int | None = None,
         peak: int | None = None,
         subset_num_batches: int = -1,
+        task_examples: dict[str, int] | None = None,
     ):
-        self.interval, self.warmup_interval, self.warmup_end = interval, warmup_interval, warmup_end
+        self.interval, self.early_until, self.early_interval = interval, early_until, early_interval
         self.peak, self.subset_num_batches = peak, subset_num_batches
+        self.task_examples = task_examples or {}
 
     def due(self, batch: int) -> bool:
         """Evaluate after ``batch`` batches have trained?"""
@@ -148,7 +154,7 @@ class EvalCadence(Callback):
             return False
         if self.interval and batch % self.interval == 0:
             return True
-        if self.warmup_interval and batch <= self.warmup_end and batch % self.warmup_interval == 0:
+        if self.early_interval and batch <= self.early_until and batch % self.early_interval == 0:
             return True
         return self.peak is not None and batch == self.peak
 
@@ -158,6 +164,12 @@ class EvalCadence(Callback):
         return event == Event.BATCH_END and self.due(int(state.timestamp.batch))
 
     def after_load(self, state: State, logger: Logger) -> None:
+        world = dist.get_world_size()
         for evaluator in state.evaluators:
             evaluator.eval_interval = self
-            evaluator.subset_num_batches = self.subset_num_batches
+            examples = self.task_examples.get(evaluator.label)
+            if examples is not None:
+                per_batch = evaluator.dataloader.dataloader.batch_size * world
+                evaluator.subset_num_batches = max(1, math.ceil(examples / per_batch))
+            elif evaluator.label.startswith("eval/"):
+                evaluator.subset_num_batches = self.subset_num_batches

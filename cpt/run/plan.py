@@ -18,7 +18,7 @@ from cpt import config, model
 from cpt.config import Checked, ConfigError
 from cpt.data import mixture
 from cpt.data.manifest import Manifest
-from cpt.eval import domains
+from cpt.eval import domains, tasks
 from cpt.io import redact, safe_load, storage
 from cpt.io.cache import cache_dir
 from cpt.run import checkpoints, faults, mfu, stage
@@ -33,6 +33,7 @@ class Plan:
     model_config: dict
     train_manifests: dict[str, Manifest]
     eval_manifests: dict[str, Manifest]
+    task_files: dict[str, str]  # cpt.eval.tasks: each task's checked local JSONL
     fingerprint: str  # of the training data (sources, proportions, manifests)
     run_dir: str  # local: metrics.jsonl, sample log
     cache: str  # local: the run's downloads (data, checkpoints to resume from)
@@ -70,6 +71,7 @@ class Plan:
                 )
         domains.blend_weights(section, evals)  # a blend naming an unknown domain fails now
         cache = cache_dir("runs", checked.run_name)
+        task_files = tasks.prepare(section, cache)  # a missing or malformed task file fails now
         save = checked.save_folder
         staged = bool(save) and (storage.is_s3(save) or checked.sharded)
         resume = _resume_point(save, cache, path)
@@ -80,6 +82,7 @@ class Plan:
             model_config=model_config,
             train_manifests=train,
             eval_manifests=evals,
+            task_files=task_files,
             fingerprint=fingerprint(section, train),
             run_dir=os.path.join(section.run_dir, checked.run_name),
             cache=cache,
@@ -124,25 +127,12 @@ class Plan:
         callbacks = dict(out.get("callbacks") or {})
         if section.eval.datasets:
             out.eval_loaders = domains.eval_loaders(section, self.eval_manifests, seq_len, self.cache)
-            out.eval_first = section.eval.first
-            clock, warmup_end = checked.clock, checked.warmup_end
-            callbacks["cpt_eval_cadence"] = {
-                "interval": math.ceil(clock.batches(section.eval.interval, "cpt.eval.interval")),
-                "warmup_interval": (
-                    math.ceil(clock.batches(section.eval.warmup_interval, "cpt.eval.warmup_interval"))
-                    if section.eval.warmup_interval
-                    else None
-                ),
-                "warmup_end": warmup_end,
-                "peak": warmup_end if section.eval.at_peak and warmup_end > 0 else None,
-                "subset_num_batches": domains.subset_batches(
-                    section.eval.tokens_per_domain,
-                    seq_len,
-                    int(checked.cfg.get("device_eval_batch_size", 8)),
-                    int(os.environ.get("WORLD_SIZE", "1")),
-                ),
-            }
             callbacks["cpt_domain_metrics"] = {"blends": domains.blend_weights(section, self.eval_manifests)}
+        if section.eval.tasks:
+            out.icl_tasks = tasks.icl_tasks(section, self.task_files)
+        if section.eval.datasets or section.eval.tasks:
+            out.eval_first = section.eval.first
+            callbacks["cpt_eval_cadence"] = cadence(checked)
         save = checked.save_folder
         loggers = dict(out.get("loggers") or {})
         loggers["cpt_jsonl"] = {
@@ -204,6 +194,25 @@ class Plan:
         where = self.checked.save_folder or "no save folder"
         start = f"resumes from batch {self.resume.batch}" if self.resume else "starts from the base weights"
         return f"{self.checked.run_name}: {start} ({self.model_dir}); checkpoints in {where}"
+
+
+def cadence(checked: Checked) -> dict:
+    """``EvalCadence``'s arguments (``cpt_eval_cadence``): the cadence in batches, each evaluator's budget."""
+    section = checked.section
+    clock, warmup_end, early = checked.clock, checked.warmup_end, section.eval.early
+    return {
+        "interval": math.ceil(clock.batches(section.eval.interval, "cpt.eval.interval")),
+        "early_until": int(clock.batches(early.until, "cpt.eval.early.until")) if early else 0,
+        "early_interval": math.ceil(clock.batches(early.interval, "cpt.eval.early.interval")) if early else None,
+        "peak": warmup_end if section.eval.at_peak and warmup_end > 0 else None,
+        "subset_num_batches": domains.subset_batches(
+            section.eval.tokens_per_domain,
+            checked.seq_len,
+            int(checked.cfg.get("device_eval_batch_size", 8)),
+            int(os.environ.get("WORLD_SIZE", "1")),
+        ),
+        "task_examples": tasks.examples_per_label(section),
+    }
 
 
 def _resume_point(save_folder: str | None, cache: str, path: str) -> Checkpoint | None:

@@ -74,7 +74,7 @@ def branches_demo(work: str = "quickstart-branches", steps: int = STEPS, every: 
     print("2/5 the trunk (infinite schedule) and the cosine run", flush=True)
     for name, sched in (("trunk", infinite), ("cosine", cosine)):
         cfg = base_config(work, work, name, arch, ["upstream"], MAX_LR, sched, steps, True, eval_every=every)
-        cfg["cpt"]["eval"].update(warmup_interval=None)
+        cfg["cpt"]["eval"].update(early=None)
         cfg["cpt"]["keep_checkpoints"] = 0
         cfg["save_interval"] = f"{every}ba"
         train_config(cfg, work)

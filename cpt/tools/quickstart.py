@@ -74,7 +74,7 @@ def base_config(
                 "datasets": {d: {"path": storage.join(root, "data", d, "val")} for d in ("upstream", "downstream")},
                 "tokens_per_domain": 1024,
                 "interval": f"{eval_every}ba",
-                "warmup_interval": "1ba",
+                "early": {"until": "0.25dur", "interval": "2ba"},
                 "at_peak": True,
                 "first": True,
             },
@@ -218,7 +218,7 @@ def quickstart(
         from_scratch=True,
         eval_every=pretrain_steps,
     )
-    pre["cpt"]["eval"].update(warmup_interval=None, at_peak=False)  # pre-training: evaluate first and last only
+    pre["cpt"]["eval"].update(early=None, at_peak=False)  # pre-training: evaluate first and last only
     train_config(pre, work)
     newest = checkpoints(pre["save_folder"])[0][1]  # ep<N>-ba<steps>: N counts passes over the data
     base = export(storage.join(pre["save_folder"], newest), os.path.join(work, "pretrained"))

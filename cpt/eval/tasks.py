@@ -1,0 +1,137 @@
+"""Task accuracy (``cpt.eval.tasks``): JSONL files in llm-foundry's in-context-learning format, checked before
+the first step and scored in the loop by llm-foundry's ICL evaluators (one implementation of scoring).
+
+Fields per kind (one JSON object per line):
+
+- ``language_modeling`` (LAMBADA): ``context``, ``continuation``. Correct when every token of the
+  continuation is the model's greedy prediction.
+- ``multiple_choice`` (HellaSwag, ARC, PIQA, OpenBookQA): ``query``, ``choices`` (a list), ``gold`` (an index).
+  The choice with the lowest mean cross-entropy per token wins.
+- ``schema`` (WinoGrande): ``context_options`` (a list), ``continuation``, ``gold``. The context under which the
+  shared continuation has the lowest mean cross-entropy wins.
+
+Metric names (the contract ``cpt report`` reads):
+``metrics/tasks/<task>/<k>-shot/InContextLearningLMAccuracy`` (language_modeling) and
+``metrics/tasks/<task>/<k>-shot/InContextLearningMultipleChoiceAccuracy`` (multiple_choice, schema).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from cpt.config import ConfigError, Cpt, Task
+from cpt.io import storage
+
+FIELDS = {  # kind -> {field: its type}
+    "language_modeling": {"context": str, "continuation": str},
+    "multiple_choice": {"query": str, "choices": list, "gold": int},
+    "schema": {"context_options": list, "continuation": str, "gold": int},
+}
+METRIC = {
+    "language_modeling": "InContextLearningLMAccuracy",
+    "multiple_choice": "InContextLearningMultipleChoiceAccuracy",
+    "schema": "InContextLearningMultipleChoiceAccuracy",
+}
+PREFIX = "metrics/tasks/"
+
+
+def label(name: str) -> str:
+    return f"tasks/{name}"
+
+
+def metric_name(name: str, task: Task) -> str:
+    """The one name a task's accuracy is logged under."""
+    return f"{PREFIX}{name}/{task.fewshot}-shot/{METRIC[task.kind]}"
+
+
+def check_file(path: str, kind: str, fewshot: int = 0, shown: str | None = None) -> int:
+    """Every line of a local task file against its kind; returns the number of examples. ``ValueError`` naming
+    the file (``shown``) and the line."""
+    shown = shown or path
+    fields, n = FIELDS[kind], 0
+    with open(path, encoding="utf-8", errors="strict") as fh:
+        try:
+            lines = list(fh)
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{shown}: not UTF-8 ({exc})") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{shown}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object with {', '.join(fields)}")
+        for key, tp in fields.items():
+            if key not in row:
+                raise ValueError(f"{where}: missing {key!r} (a {kind} task has {', '.join(fields)})")
+            value = row[key]
+            if not isinstance(value, tp) or isinstance(value, bool):
+                raise ValueError(f"{where}: {key!r} must be a {tp.__name__}, got {value!r}"[:300])
+        options = row.get("choices", row.get("context_options"))
+        if options is not None:
+            if len(options) < 2 or not all(isinstance(o, str) and o.strip() for o in options):
+                raise ValueError(f"{where}: needs at least two non-empty strings as options")
+            if not 0 <= row["gold"] < len(options):
+                raise ValueError(f"{where}: gold={row['gold']} is not an index of its {len(options)} options")
+        texts = [row[k] for k, tp in fields.items() if tp is str]
+        if not all(t.strip() for t in texts):
+            raise ValueError(f"{where}: an empty {' or '.join(k for k, tp in fields.items() if tp is str)}")
+        n += 1
+    if n == 0:
+        raise ValueError(f"{shown}: holds no example")
+    if fewshot >= n:
+        raise ValueError(f"{shown}: fewshot={fewshot} needs more than {fewshot} examples; it holds {n}")
+    return n
+
+
+def prepare(section: Cpt, cache: str) -> dict[str, str]:
+    """``{task: local JSONL}``: ``s3://`` files downloaded once per launch into the run's cache, every file
+    checked. ``ConfigError`` naming the key, the file and the line."""
+    out = {}
+    for name, task in section.eval.tasks.items():
+        key = f"cpt.eval.tasks.{name}.path"
+        try:
+            local = task.path
+            if storage.is_s3(task.path):
+                local = os.path.join(cache, "tasks", f"{name}.jsonl")
+                os.makedirs(os.path.dirname(local), exist_ok=True)
+                tmp = f"{local}.{os.getpid()}.tmp"  # ranks download side by side; each replace is whole
+                with open(tmp, "wb") as fh:
+                    fh.write(storage.read_bytes(task.path))
+                os.replace(tmp, local)
+            elif not os.path.isfile(local):
+                raise ValueError(f"{task.path}: no such file")
+            check_file(local, task.kind, task.fewshot, shown=task.path)
+        except (ValueError, OSError, storage.StorageError) as exc:
+            raise ConfigError(f"{key}: {exc}") from exc
+        out[name] = os.path.abspath(local)
+    return out
+
+
+def icl_tasks(section: Cpt, files: dict[str, str]) -> list[dict]:
+    """llm-foundry's ``icl_tasks``. The file is read in place through ``datasets``' JSON builder (llm-foundry's
+    ``hf://`` branch), so llm-foundry copies nothing into the working directory."""
+    return [
+        {
+            "label": label(name),
+            "dataset_uri": "hf://json",
+            "hf_loading_vars": {"data_files": files[name], "split": "train"},
+            "icl_task_type": task.kind,
+            "num_fewshot": [task.fewshot],
+            "metric_names": [METRIC[task.kind]],
+        }
+        for name, task in section.eval.tasks.items()
+    ]
+
+
+def examples_per_label(section: Cpt) -> dict[str, int]:
+    """``{evaluator label: examples per evaluation}`` for the tasks with a budget."""
+    return {
+        f"{label(name)}/{task.fewshot}-shot": task.examples
+        for name, task in section.eval.tasks.items()
+        if task.examples is not None
+    }

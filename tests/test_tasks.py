@@ -1,0 +1,242 @@
+"""Task accuracy in the loop (``cpt.eval.tasks``): task files checked before the first step, llm-foundry's ICL
+evaluators scored at the run's cadence, and the logged accuracy equal to an independent computation: a plain
+Hugging Face forward pass over the same examples with the same weights."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cpt.data import synthetic
+from cpt.io import storage
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "yamls" / "tiny-cpu.yaml"
+STEPS = 8
+
+
+def _texts(path: Path) -> list[str]:
+    return [json.loads(line)["text"] for line in path.read_text().splitlines()]
+
+
+def _greedy_rows(model_dir: str, rows: list[dict], tok) -> list[dict]:
+    """Half of a last-word task rewritten so that its continuation is the base model's own greedy next token:
+    a task that the untrained model gets partly right, so agreement is not agreement on zeros."""
+    from transformers import GPTNeoXForCausalLM
+
+    model = GPTNeoXForCausalLM.from_pretrained(model_dir).eval()
+    out = []
+    for i, row in enumerate(rows):
+        if i % 2 == 0:
+            ids = tok(row["context"])["input_ids"]
+            with torch.no_grad():
+                ranked = model(torch.tensor([ids])).logits[0, -1].argsort(descending=True)
+            s = tok.decode(ranked[:1].tolist())
+            if s.startswith(" ") and s.strip() and tok(s)["input_ids"] == ranked[:1].tolist():
+                row = {**row, "continuation": s}  # the greedy token, when it reads back as itself
+        out.append(row)
+    return out
+
+
+@pytest.fixture(scope="module")
+def task_run(tmp_path_factory, tiny_project, s3_server):
+    """A tiny run with three tasks (two of them from S3), evaluated first, densely early, and at the end."""
+    import boto3
+    from transformers import AutoTokenizer
+
+    tmp = tiny_project(
+        tmp_path_factory.mktemp("tasks"),
+        {"upstream": {"Pile-CC": "prose"}, "downstream": {"Pile-CC": "science"}},
+        {"train": 40, "val": 12},
+    )
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="cpt-tasks")
+    tok = AutoTokenizer.from_pretrained(str(tmp / "model"))
+    texts = _texts(tmp / "upstream-val.jsonl") + _texts(tmp / "downstream-val.jsonl")
+    rows = {
+        "lastword": _greedy_rows(str(tmp / "model"), synthetic.last_word(texts, 24, seed=1), tok),
+        "nextword": synthetic.next_word_choice(texts, 30, seed=2),
+        "schema": [
+            {"context_options": [" ".join(r["query"].split()[:12]), "numbers and symbols only"], "gold": i % 2,
+             "continuation": r["choices"][r["gold"]]}
+            for i, r in enumerate(synthetic.next_word_choice(texts, 16, seed=3))
+        ],
+    }  # fmt: skip
+    paths = {}
+    for name, r in rows.items():
+        local = synthetic.write_task(tmp / f"{name}.jsonl", r)
+        paths[name] = local if name == "schema" else f"s3://cpt-tasks/{name}.jsonl"
+        if name != "schema":
+            storage.upload_file(local, paths[name])
+    tasks = (
+        f"cpt.eval.tasks={{lastword: {{path: '{paths['lastword']}', kind: language_modeling}}, "
+        f"nextword: {{path: '{paths['nextword']}', kind: multiple_choice, examples: 20}}, "
+        f"schema: {{path: '{paths['schema']}', kind: schema}}}}"
+    )
+    env = {**os.environ, "CPT_CACHE": str(tmp / "cache"), "S3_ENDPOINT_URL": s3_server}
+    proc = subprocess.run(
+        [sys.executable, "-m", "cpt.cli", "train", str(TINY), f"variables.data={tmp / 'data'}",
+         f"variables.model={tmp / 'model'}", f"variables.save_folder={tmp / 'ck'}", f"cpt.run_dir={tmp / 'runs'}",
+         "variables.run_name=tasks", f"max_duration={STEPS}ba", "save_interval=8ba", "cpt.eval.interval=4ba",
+         "cpt.eval.tokens_per_domain=512", "cpt.num_workers=0", tasks],
+        cwd=tmp, capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    metrics = [json.loads(line) for line in (tmp / "runs" / "tasks" / "metrics.jsonl").read_text().splitlines()]
+    return {"tmp": tmp, "rows": rows, "metrics": metrics, "log": proc.stdout + proc.stderr, "tok": tok}
+
+
+KEYS = {
+    "lastword": "metrics/tasks/lastword/0-shot/InContextLearningLMAccuracy",
+    "nextword": "metrics/tasks/nextword/0-shot/InContextLearningMultipleChoiceAccuracy",
+    "schema": "metrics/tasks/schema/0-shot/InContextLearningMultipleChoiceAccuracy",
+}
+
+
+def _logged(metrics: list[dict], key: str) -> dict[int, float]:
+    return {r["batch"]: r[key] for r in metrics if key in r}
+
+
+def _mean_ce(model, context: list[int], continuation: list[int]) -> float:
+    ids = torch.tensor([context + continuation])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(context) - 1 : -1]
+    return float(torch.nn.functional.cross_entropy(logits, torch.tensor(continuation)))
+
+
+def independent_accuracy(model, tok, kind: str, rows: list[dict]) -> float:
+    """Accuracy by hand, in llm-foundry's convention: the context without trailing space, the continuation with
+    its leading space; a choice wins by the lowest mean cross-entropy per token of its continuation."""
+
+    def enc(s: str) -> list[int]:
+        return tok(s)["input_ids"]
+
+    correct = 0
+    for row in rows:
+        if kind == "language_modeling":
+            ctx, cont = enc(row["context"].rstrip()), enc(row["continuation"])
+            with torch.no_grad():
+                logits = model(torch.tensor([ctx + cont])).logits[0, len(ctx) - 1 : -1]
+            correct += logits.argmax(-1).tolist() == cont
+        elif kind == "multiple_choice":
+            ces = [_mean_ce(model, enc(row["query"].rstrip()), enc(" " + c)) for c in row["choices"]]
+            correct += ces.index(min(ces)) == row["gold"]
+        else:
+            ces = [_mean_ce(model, enc(c.rstrip()), enc(" " + row["continuation"])) for c in row["context_options"]]
+            correct += ces.index(min(ces)) == row["gold"]
+    return correct / len(rows)
+
+
+def _model(task_run, batch: int):
+    from transformers import GPTNeoXForCausalLM
+
+    tmp = task_run["tmp"]
+    model = GPTNeoXForCausalLM.from_pretrained(str(tmp / "model"))
+    if batch:
+        state = torch.load(tmp / "ck" / f"ep0-ba{batch}-rank0.pt", map_location="cpu", weights_only=False)
+        model.load_state_dict({k.removeprefix("model."): v for k, v in state["state"]["model"].items()})
+    return model.eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [0, STEPS])
+def test_logged_accuracy_equals_a_plain_forward_pass(task_run, batch):
+    model, tok = _model(task_run, batch), task_run["tok"]
+    kinds = {"lastword": "language_modeling", "nextword": "multiple_choice", "schema": "schema"}
+    for name, key in KEYS.items():
+        rows = task_run["rows"][name][:20] if name == "nextword" else task_run["rows"][name]  # examples: 20
+        expected = independent_accuracy(model, tok, kinds[name], rows)
+        assert _logged(task_run["metrics"], key)[batch] == pytest.approx(expected, abs=1e-6), (name, batch)
+    if batch == 0:  # the greedy rows of the last-word task are right, by construction
+        assert _logged(task_run["metrics"], KEYS["lastword"])[0] > 0
+
+
+@pytest.mark.slow
+def test_tasks_follow_the_perplexity_cadence_and_the_run_is_quiet(task_run):
+    ppl = _logged(task_run["metrics"], "metrics/eval/upstream/all/LanguageCrossEntropy")
+    # first, early every batch to 0.125dur (batch 1), the warmup's peak (batch 1), every 4 (and the end)
+    assert sorted(ppl) == [0, 1, 4, 8]
+    for key in KEYS.values():
+        assert sorted(_logged(task_run["metrics"], key)) == sorted(ppl)
+    log = task_run["log"]
+    assert "was called before the update method" not in log
+    assert "worker processes in total" not in log  # torch's warning about more loader workers than CPUs
+    assert (task_run["tmp"] / "cache" / "runs" / "tasks" / "tasks" / "lastword.jsonl").is_file()  # S3: cached
+    assert not list(task_run["tmp"].glob("*-0.jsonl"))  # llm-foundry copied nothing into the working directory
+
+
+@pytest.mark.parametrize(
+    "line,why",
+    [
+        ("not json", "not valid JSON"),
+        ('{"query": "a", "choices": ["b", "c"]}', "missing 'gold'"),
+        ('{"query": "a", "choices": ["b", "c"], "gold": 2}', "gold=2 is not an index of its 2 options"),
+        ('{"query": "a", "choices": ["b"], "gold": 0}', "at least two"),
+        ('{"query": "a", "choices": "bc", "gold": 0}', "'choices' must be a list"),
+        ('{"query": "", "choices": ["b", "c"], "gold": 0}', "an empty query"),
+        ("[1, 2]", "expected a JSON object"),
+    ],
+)
+def test_a_malformed_task_file_fails_before_the_first_step_naming_file_and_line(tiny, tmp_path, line, why):
+    from conftest import load_tiny
+
+    from cpt.config import ConfigError
+    from cpt.run.plan import Plan
+
+    good = '{"query": "the river", "choices": [" city", " gene"], "gold": 0}'
+    path = tmp_path / "mc.jsonl"
+    path.write_text(f"{good}\n{good}\n{line}\n")
+    cfg = load_tiny(tiny, f"cpt.eval.tasks={{mc: {{path: '{path}', kind: multiple_choice}}}}")
+    with pytest.raises(ConfigError, match=rf"cpt.eval.tasks.mc.path: {path}:3: .*{why}"):
+        Plan.from_config(cfg, "tiny.yaml")
+
+
+def test_task_settings_are_checked(tiny, tmp_path, s3_bucket):
+    from conftest import load_tiny
+
+    from cpt.config import ConfigError, check
+    from cpt.run.plan import Plan
+
+    path = synthetic.write_task(tmp_path / "lm.jsonl", [{"context": "a b", "continuation": " c"}] * 3)
+    for task, why in (
+        ("{path: P, kind: cloze}", "kind='cloze' must be one of language_modeling, multiple_choice, schema"),
+        ("{path: P, kind: schema, fewshot: -1}", "fewshot=-1 must be at least 0"),
+        ("{path: P, kind: schema, examples: 0}", "examples=0 must be at least 1"),
+        ("{path: P, kind: schema, shots: 1}", "unknown key cpt.eval.tasks.t.shots"),
+        ("{path: 's3:/b/x.jsonl', kind: schema}", "s3:/b"),
+    ):
+        with pytest.raises(ConfigError, match=why):
+            check(load_tiny(tiny, f"cpt.eval.tasks={{t: {task.replace('P', str(path))}}}"))
+    with pytest.raises(ConfigError, match=r"fewshot=3 needs more than 3 examples; it holds 3"):
+        Plan.from_config(
+            load_tiny(tiny, f"cpt.eval.tasks={{t: {{path: '{path}', kind: language_modeling, fewshot: 3}}}}")
+        )
+    with pytest.raises(ConfigError, match=r"cpt.eval.tasks.t.path: .*no such file"):
+        Plan.from_config(load_tiny(tiny, f"cpt.eval.tasks={{t: {{path: '{tmp_path}/nope.jsonl', kind: schema}}}}"))
+    with pytest.raises(ConfigError, match=rf"cpt.eval.tasks.t.path: .*{s3_bucket}/missing.jsonl"):
+        Plan.from_config(load_tiny(tiny, f"cpt.eval.tasks={{t: {{path: '{s3_bucket}/missing.jsonl', kind: schema}}}}"))
+    with pytest.raises(ConfigError, match=r"warmup_interval is gone.*cpt.eval.early"):
+        check(load_tiny(tiny, "cpt.eval.warmup_interval=1ba"))
+
+
+def test_budget_in_batches_per_task():
+    """``examples`` -> enough batches of the task's own loader (its batch counts questions, not rows)."""
+    from types import SimpleNamespace
+
+    from cpt.eval.domains import EvalCadence
+
+    def evaluator(label, batch_size):
+        loader = SimpleNamespace(dataloader=SimpleNamespace(batch_size=batch_size))
+        return SimpleNamespace(label=label, dataloader=loader, subset_num_batches=None, eval_interval=None)
+
+    evs = [evaluator("tasks/a/0-shot", 4), evaluator("tasks/b/0-shot", 4), evaluator("eval/up/prose", 8)]
+    cadence = EvalCadence(interval=10, subset_num_batches=3, task_examples={"tasks/a/0-shot": 21})
+    cadence.after_load(SimpleNamespace(evaluators=evs), None)
+    assert [e.subset_num_batches for e in evs] == [math.ceil(21 / 4), None, 3]  # b: all of its examples
+    assert all(e.eval_interval is cadence for e in evs)
