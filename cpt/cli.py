@@ -75,8 +75,12 @@ def _sweep(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from cpt.tools import report
 
-    runs = [report.load(r) for r in args.runs]
-    print(f"wrote {report.report(runs, args.out, args.upstream, args.downstream)}")
+    try:
+        runs = [report.load(r) for r in args.runs]
+        print(f"wrote {report.report(runs, args.out, args.upstream, args.downstream, args.baseline, args.early)}")
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -183,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="report", help="output folder, local or s3:// (default: ./report)")
     p.add_argument("--upstream", help="upstream dataset name (default: pile, or upstream)")
     p.add_argument("--downstream", help="downstream dataset name (default: slimpajama, or downstream)")
+    p.add_argument("--baseline", help="the run without re-warming (its label): check the papers' six directions")
+    p.add_argument(
+        "--early", type=float, default=0.25, help="'at first': each run's first fraction of batches (default: 0.25)"
+    )
     p.set_defaults(fn=_report)
 
     p = sub.add_parser("anneal", help="a decay branch off a trunk run's checkpoint: its own run and save folder")

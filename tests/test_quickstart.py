@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from cpt.tools.quickstart import checks, quickstart
+from cpt.tools.quickstart import quickstart
+from cpt.tools.report import directions
 
 
 def test_quickstart_reproduces_the_papers_directions(tmp_path):
@@ -17,11 +18,16 @@ def test_quickstart_reproduces_the_papers_directions(tmp_path):
     assert r2["upstream_final"] > r1["upstream_final"] > c["upstream_final"]
     assert r2["downstream_final"] < r1["downstream_final"] < c["downstream_final"]
     assert all(r["upstream_start"] == c["upstream_start"] for r in (r1, r2))  # all start from the same weights
-    assert all(checks(s).values())
+    assert all(directions(s, "constant", {"constant": 5e-4, "rewarm-1x": 5e-3, "rewarm-2x": 1e-2}).values())
     report = (tmp_path / "qs" / "summary.md").read_text()
     assert "NO:" not in report and report.count("- yes: ") == 6
     assert f"{r2['downstream_final']:.4f}" in report and f"{c['forgetting']:+.4f}" in report
-    for png in ("loss.png", "lr.png", "forgetting.png"):
+    # the generated task: scored in every run, its first and last accuracy in the table (40 questions: k/40)
+    for r in (c, r1, r2):
+        assert r["next_word_start"] == c["next_word_start"]  # the same pre-trained weights
+        assert round(r["next_word_final"] * 40, 4) == round(r["next_word_final"] * 40)
+    assert f"{r2['next_word_start']:.3f} -> {r2['next_word_final']:.3f}" in report
+    for png in ("loss.png", "lr.png", "forgetting.png", "tasks.png"):
         assert (tmp_path / "qs" / png).read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "qs" / "summary.json").read_text()) == s
     # the pre-trained model was exported as a Hugging Face folder and every continual run started from it

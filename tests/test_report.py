@@ -54,8 +54,10 @@ def test_report_from_local_and_s3(tmp_path, s3_bucket, capsys):
         == 0
     )
     text = (out / "summary.md").read_text()
-    assert "| rewarm | 10 | 2.0000 | 2.6000 | 3.0000 | 2.0000 | +0.6000 | -1.0000 |" in text
-    assert "| const | 10 | 2.0000 | 2.1000 | 3.0000 | 2.7000 | +0.1000 | -0.3000 |" in text
+    # start, peak in batches 2..2 (the first quarter of 10: no evaluation there, so the start), end; forgetting,
+    # adaptation
+    assert "| rewarm | 10 | 2.0000 | 2.0000 | 2.6000 | 3.0000 | 3.0000 | 2.0000 | +0.6000 | +1.0000 |" in text
+    assert "| const | 10 | 2.0000 | 2.0000 | 2.1000 | 3.0000 | 3.0000 | 2.7000 | +0.1000 | +0.3000 |" in text
     assert f"| redpajamac4 | {math.exp(1.9):.2f} | {math.exp(2.6):.2f} |" in text
     for png in ("loss.png", "lr.png", "forgetting.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
@@ -80,3 +82,32 @@ def test_a_trunk_and_its_branches_are_drawn_as_one_family(tmp_path):
     report.report(runs, str(tmp_path / "out"))
     text = (tmp_path / "out" / "summary.md").read_text()
     assert "- `t-anneal8-cosine-4ba` leaves `t` at batch 8" in text and (tmp_path / "out" / "families.png").is_file()
+
+
+def test_directions_with_a_baseline_and_task_accuracy(tmp_path, capsys):
+    """Three runs by hand: the peak early is looked for in each run's first quarter, the six directions are
+    judged against the named baseline, and each task gets a column and a panel."""
+    up = {"const": [2.0, 2.05, 2.1, 2.2, 2.2], "lo": [2.0, 2.3, 2.5, 2.4, 2.3], "hi": [2.0, 2.6, 2.9, 2.6, 2.5]}
+    down = {"const": [3.0, 2.95, 2.9, 2.5, 2.15], "lo": [3.0, 3.1, 2.8, 2.5, 2.2], "hi": [3.0, 3.3, 2.7, 2.3, 2.1]}
+    lr = {"const": 1e-4, "lo": 1e-3, "hi": 2e-3}
+    for name in up:
+        items = rows([0, 2, 4, 8, 16], up[name], down[name], [lr[name]] * 5)
+        items += [{"batch": b, "tokens": b * 100, "metrics/tasks/nw/0-shot/InContextLearningMultipleChoiceAccuracy": a}
+                  for b, a in ((0, 0.25), (16, 0.5 if name == "hi" else 0.3))]  # fmt: skip
+        write(tmp_path / name / "metrics.jsonl", items)
+    out = tmp_path / "out"
+    args = ["report", *(str(tmp_path / n) for n in up), "--out", str(out), "--baseline", "const"]
+    assert main(args) == 0
+    text = (out / "summary.md").read_text()
+    # first quarter of 16 batches: batches 2..4 -> hi's upstream peak 2.9 (batch 4), downstream 3.3 (batch 2)
+    assert (
+        "| hi | 16 | 2.0000 | 2.9000 | 2.5000 | 3.0000 | 3.3000 | 2.1000 | +0.5000 | +0.9000 | 0.250 -> 0.500 |" in text
+    )
+    assert (
+        "| const | 16 | 2.0000 | 2.1000 | 2.2000 | 3.0000 | 2.9500 | 2.1500 | +0.2000 | +0.8500 | 0.250 -> 0.300 |"
+        in text
+    )
+    # forgetting 0.2 < lo 0.3 < hi 0.5, downstream end hi 2.1 < lo 2.2; but const adapts 0.85 > lo's 0.8
+    assert text.count("- yes: ") == 5 and "- NO: no re-warming (const) adapts least" in text
+    assert (out / "tasks.png").read_bytes()[:4] == b"\x89PNG"
+    assert main([*args[:-1], "nope"]) == 2 and "--baseline 'nope' is not one of the runs" in capsys.readouterr().err

@@ -25,7 +25,29 @@ def test_good_config_expands_for_llmfoundry(tiny):
     assert [e.label for e in out.eval_loaders] == ["upstream/pile-cc", "downstream/pile-cc"]
     assert out.scheduler.tokens_per_batch == 4 * 64
     assert "load_path" not in out or out.load_path is None  # nothing to resume: base weights only
-    assert out.callbacks.cpt_eval_cadence.warmup_end == 3  # 0.125 x 24 batches
+    cadence = out.callbacks.cpt_eval_cadence
+    assert (cadence.peak, cadence.early_until, cadence.early_interval) == (3, 3, 1)  # 0.125 x 24 batches
+
+
+@pytest.mark.parametrize(
+    "scheduler,expected",
+    [  # early: every 2 batches to 0.25dur (batch 6 of 24), every 8; the cosine adds its peak (3)
+        ("{name: cpt_constant, t_warmup: 0ba}", [2, 4, 6, 8, 16, 24]),
+        ("{name: cpt_cosine, t_warmup: 0.125dur, t_max: 1dur, alpha_f: 0.1}", [2, 3, 4, 6, 8, 16, 24]),
+        ("{name: cpt_cosine, t_warmup: 0ba, t_max: 1dur, alpha_f: 0.1}", [2, 4, 6, 8, 16, 24]),
+    ],
+)
+def test_early_evaluation_is_the_same_for_every_schedule(tiny, scheduler, expected):
+    from omegaconf import OmegaConf
+
+    from cpt.config import check
+    from cpt.eval.domains import EvalCadence
+    from cpt.run.plan import cadence
+
+    cfg = load_tiny(tiny, "cpt.eval.early={until: 0.25dur, interval: 2ba}")
+    cfg.scheduler = OmegaConf.create(scheduler)  # replaced whole, not merged
+    due = EvalCadence(**cadence(check(cfg)))
+    assert [b for b in range(1, 25) if due.due(b)] == expected
 
 
 @pytest.mark.parametrize(

@@ -79,11 +79,12 @@ def write_png(previews: list[Preview], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
+    scale, xlabel = token_axis(max(p.total_batches * p.tokens_per_batch for p in previews))
     for i, p in enumerate(previews):
         curve = p.curve()
-        (line,) = ax.plot([t / 1e9 for _, t, _ in curve], [lr for _, _, lr in curve], label=p.label, lw=1.6)
+        (line,) = ax.plot([t / scale for _, t, _ in curve], [lr for _, _, lr in curve], label=p.label, lw=1.6)
         for name, start in p.phases[1:]:
-            x = start * p.tokens_per_batch / 1e9
+            x = start * p.tokens_per_batch / scale
             ax.axvline(x, color=line.get_color(), ls=":", lw=0.8, alpha=0.7)
             ax.annotate(
                 name,
@@ -94,7 +95,7 @@ def write_png(previews: list[Preview], path: str) -> None:
                 ha="right",
                 va="top",
             )
-    ax.set_xlabel("tokens (billions)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("learning rate")
     ax.set_title("learning-rate schedule (the LR each batch trains at)")
     ax.grid(alpha=0.3)
@@ -103,3 +104,11 @@ def write_png(previews: list[Preview], path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def token_axis(max_tokens: float) -> tuple[float, str]:
+    """A figure's token axis in the unit that fits the run: ``(divisor, label)``."""
+    for div, unit in ((1e9, "billions"), (1e6, "millions"), (1e3, "thousands")):
+        if max_tokens >= div:
+            return div, f"tokens ({unit})"
+    return 1.0, "tokens"

@@ -49,6 +49,8 @@ class MetricsJSONL(LoggerDestination):
 
     def run_event(self, event: Event, state: State, logger: Logger) -> None:
         super().run_event(event, state, logger)
+        if event == Event.FIT_START and int(state.timestamp.batch) == 0:
+            logger.log_metrics(first_lrs(state))  # lr_monitor logs after each batch: never batch 0's LR
         if event in (Event.EVAL_AFTER_ALL, Event.FIT_END) and self.remote and dist.get_global_rank() == 0:
             if self._upload is not None and self._upload.is_alive():
                 if event != Event.FIT_END:
@@ -64,6 +66,15 @@ class MetricsJSONL(LoggerDestination):
             storage.write_bytes(storage.join(self.remote, "metrics.jsonl"), data)
         except Exception as exc:  # noqa: BLE001 - metrics stay local; training goes on; the next upload retries
             log.warning("could not upload metrics to %s: %r", self.remote, exc)
+
+
+def first_lrs(state: State) -> dict[str, float]:
+    """The LR batch 0 trains at, under ``lr_monitor``'s names (``lr-<optimizer>/group<i>``)."""
+    return {
+        f"lr-{opt.__class__.__name__}/group{i}": float(group["lr"])
+        for opt in state.optimizers
+        for i, group in enumerate(opt.param_groups)
+    }
 
 
 class ConfigLog(Callback):

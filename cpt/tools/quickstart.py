@@ -12,9 +12,10 @@ Every training run is ``python -m cpt.train <yaml> ...``: the same path as a GPU
 
 from __future__ import annotations
 
+import functools
 import json
+import multiprocessing
 import os
-import subprocess
 import sys
 import time
 
@@ -35,6 +36,7 @@ DOWNSTREAM = {"Prose": "prose-bursty", "Science": "science-bursty"}  # same word
 SEQ, BATCH = 64, 8
 PRETRAIN_STEPS, CPT_STEPS = 300, 100  # pre-training long enough that the shared word statistics settle
 MAX_LR = 5e-3
+TASK = 40  # questions in the generated task
 SCHEDULES = {  # name -> scheduler and LR for the continual phase
     "constant": ({"name": "cpt_constant", "t_warmup": "0ba"}, MAX_LR * 0.1),
     "rewarm-1x": ({"name": "cpt_cosine", "t_warmup": "0.1dur", "t_max": "1dur", "alpha_f": 0.1}, MAX_LR),
@@ -102,12 +104,43 @@ def train_config(cfg: dict, work: str) -> list[dict]:
 
 
 def train_yaml(path: str, name: str, work: str) -> None:
-    """``python -m cpt.train <path>``: the same path as a GPU run."""
+    """``python -m cpt.train <path>``: the same path as a GPU run, in a process forked from one that imported the
+    stack once (each fresh interpreter would spend seconds importing torch, Composer and llm-foundry). Its output
+    goes to ``<work>/<name>.log``."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "cpt.train", path], capture_output=True, text=True, cwd=work)
-    if proc.returncode:
-        raise RuntimeError(f"training {name} failed:\n{proc.stderr[-4000:]}")
+    log = os.path.join(work, f"{name}.log")
+    proc = _runner().Process(target=_train_child, args=(path, work, log, dict(os.environ)), name=f"cpt-{name}")
+    proc.start()
+    proc.join()
+    if proc.exitcode:
+        with open(log, errors="replace") as fh:
+            tail = fh.read()[-4000:]
+        raise RuntimeError(f"training {name} failed (exit code {proc.exitcode}); the end of {log}:\n{tail}")
     print(f"  trained {name} in {time.perf_counter() - t0:.0f}s", flush=True)
+
+
+@functools.cache
+def _runner():
+    """A fork server that has imported the training stack: every run is a fresh process, forked from it."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["cpt.train", "llmfoundry.command_utils", "cpt.tools.quickstart"])
+    return ctx
+
+
+def _train_child(path: str, work: str, log: str, env: dict[str, str]) -> None:
+    os.environ.clear()
+    os.environ.update(env)  # the caller's environment now, not the fork server's when it started
+    os.chdir(work)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    from cpt.train import main
+
+    code = main([path])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code:
+        sys.exit(code)
 
 
 def make_corpora(work: str, root: str) -> None:
@@ -122,76 +155,33 @@ def make_corpora(work: str, root: str) -> None:
             )  # fmt: skip
 
 
-def early_batches(cpt_steps: int) -> range:
-    """Where "at first" is looked for: the first quarter, from batch 2 (batches 0 and 1 train at LR 0)."""
-    return range(2, cpt_steps // 4 + 1)
+def make_task(work: str) -> str:
+    """The quickstart's task: which word comes next in a downstream validation document (the gold word, or three
+    words the passage does not hold). Downstream documents repeat their own words, so adapting to them pays here."""
+    with open(os.path.join(work, "downstream-val.jsonl")) as fh:
+        texts = [json.loads(line)["text"] for line in fh]
+    return synthetic.write_task(os.path.join(work, "next-word.jsonl"), synthetic.next_word_choice(texts, TASK, seed=5))
 
 
-def summarize(runs: list[Run], cpt_steps: int = CPT_STEPS) -> dict[str, dict[str, float]]:
-    """Per run: start, the highest loss in ``early_batches``, final."""
-    out = {}
+def write_report(work: str, runs: list[Run], steps: tuple[int, int]) -> tuple[str, dict]:
+    """``cpt report`` with the constant-LR run as the baseline (its figures, table and the papers' directions), and
+    the set-up; returns the summary's path and the numbers."""
+    path = report.report(runs, work, "upstream", "downstream", baseline="constant")
+    numbers = report.summarize(runs, "upstream", "downstream")
     for run in runs:
-        up = run.series("metrics/eval/upstream/all/LanguageCrossEntropy")
-        down = run.series("metrics/eval/downstream/all/LanguageCrossEntropy")
-        early = [i for i, (b, _, _) in enumerate(up) if b in early_batches(cpt_steps)]
-        early = early or [0]  # a very short run may hold no evaluation in that window
-        out[run.label] = {
-            "upstream_start": up[0][2],
-            "upstream_early_max": max(up[i][2] for i in early),
-            "upstream_final": up[-1][2],
-            "downstream_start": down[0][2],
-            "downstream_early_max": max(down[i][2] for i in early),
-            "downstream_final": down[-1][2],
-        }
-        out[run.label]["forgetting"] = out[run.label]["upstream_final"] - out[run.label]["upstream_start"]
-        out[run.label]["adaptation"] = out[run.label]["downstream_start"] - out[run.label]["downstream_final"]
-    return out
-
-
-def write_report(work: str, runs: list[Run], summary: dict, steps: tuple[int, int]) -> str:
-    """``cpt report``'s figures and tables, then the paper's claims checked on the measured numbers."""
-    path = report.report(runs, work, "upstream", "downstream")
-    early = early_batches(steps[1])
+        acc = run.series(run.tasks()["next-word"])
+        numbers[run.label].update(next_word_start=acc[0][2], next_word_final=acc[-1][2])
     lines = [
         "",
-        "## The paper's claims at toy scale",
+        "## Set-up",
         "",
-        f"Pre-trained {steps[0]} steps on upstream (max LR {MAX_LR:g}, cosine to 0.1x), then {steps[1]} "
-        "steps on downstream under each schedule.",
-        "",
-        f"Loss at the start, its highest in batches {early.start}-{early.stop - 1} (batches 0 and 1 train at LR 0), "
-        "and at the end:",
-        "",
-        "| run | upstream start | upstream peak | upstream end | downstream start | downstream peak | downstream end "
-        "| forgetting | adaptation |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"Pre-trained {steps[0]} steps on upstream (max LR {MAX_LR:g}, cosine to 0.1x), then {steps[1]} steps on "
+        "downstream under each schedule. `next-word`: which of four words comes next in a downstream validation "
+        f"document ({TASK} questions, zero-shot).",
     ]
-    for name, v in summary.items():
-        cells = [f"{v[f'{d}_{k}']:.4f}" for d in ("upstream", "downstream") for k in ("start", "early_max", "final")]
-        cells += [f"{v['forgetting']:+.4f}", f"{v['adaptation']:+.4f}"]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines.append("")
-    for claim, ok in checks(summary).items():
-        lines.append(f"- {'yes' if ok else 'NO'}: {claim}")
     with open(path, "a") as fh:
         fh.write("\n".join(lines) + "\n")
-    return path
-
-
-def checks(s: dict) -> dict[str, bool]:
-    c, r1, r2 = s["constant"], s["rewarm-1x"], s["rewarm-2x"]
-    return {
-        "re-warming raises the upstream loss at first": all(
-            r["upstream_early_max"] > r["upstream_start"] for r in (r1, r2)
-        ),
-        "re-warming raises the downstream loss at first": all(
-            r["downstream_early_max"] > r["downstream_start"] for r in (r1, r2)
-        ),
-        "the higher max LR forgets more upstream": r2["forgetting"] > r1["forgetting"],
-        "the higher max LR learns downstream better": r2["downstream_final"] < r1["downstream_final"],
-        "constant LR forgets least": c["forgetting"] < min(r1["forgetting"], r2["forgetting"]),
-        "constant LR adapts least": c["adaptation"] < min(r1["adaptation"], r2["adaptation"]),
-    }
+    return path, numbers
 
 
 def quickstart(
@@ -204,6 +194,7 @@ def quickstart(
     root = s3 or work
     print("1/4 generating and converting upstream and downstream text", flush=True)
     make_corpora(work, root)
+    task = make_task(work)
     arch = save_tiny_pythia(os.path.join(work, "tiny-arch"), seq_len=SEQ)
     print("2/4 pre-training on upstream", flush=True)
     pre = base_config(
@@ -227,11 +218,11 @@ def quickstart(
     for name, (sched, lr) in SCHEDULES.items():
         run = f"cpt-{name}"
         cfg = base_config(root, work, run, base, ["downstream"], lr, dict(sched), cpt_steps, False, eval_every=8)
+        cfg["cpt"]["eval"]["tasks"] = {"next-word": {"path": task, "kind": "multiple_choice"}}
         train_config(cfg, work)
         runs.append(report.load(os.path.join(cfg["cpt"]["run_dir"], cfg["run_name"]), label=name))
     print("4/4 writing the report", flush=True)
-    summary = summarize(runs, cpt_steps)
-    path = write_report(work, runs, summary, (pretrain_steps, cpt_steps))
+    path, summary = write_report(work, runs, (pretrain_steps, cpt_steps))
     with open(os.path.join(work, "summary.json"), "w") as fh:
         json.dump(summary, fh, indent=2)
     with open(path) as fh:

@@ -13,9 +13,12 @@ import os
 import re
 from dataclasses import dataclass
 
+from cpt.eval.tasks import PREFIX as TASKS
 from cpt.io import storage
+from cpt.optim.preview import token_axis
 
 CE = "LanguageCrossEntropy"
+EARLY = 0.25  # "at first": each run's first quarter (from batch 2: batches 0 and 1 of a re-warm train at LR 0)
 
 
 @dataclass
@@ -30,6 +33,15 @@ class Run:
     def datasets(self) -> list[str]:
         keys = {k for r in self.rows.values() for k in r}
         return sorted({k.split("/")[2] for k in keys if k.startswith("metrics/eval/") and k.endswith(f"/all/{CE}")})
+
+    def tasks(self) -> dict[str, str]:
+        """``{task: its accuracy key}`` (``cpt.eval.tasks``'s metric names)."""
+        keys = {k for r in self.rows.values() for k in r}
+        return {k[len(TASKS) :].split("/")[0]: k for k in sorted(keys) if k.startswith(TASKS) and "Accuracy" in k}
+
+    @property
+    def last_batch(self) -> int:
+        return max(self.rows, default=0)
 
     def domains(self, dataset: str) -> list[str]:
         keys = {k for r in self.rows.values() for k in r}
@@ -113,7 +125,7 @@ def _with_trunk(run: Run, key: str, by_label: dict[str, Run], branch_of: dict[st
     return ([before[-1]] if before and before[-1][0] < s[0][0] else []) + s
 
 
-def _families_png(runs, datasets, all_key, styles, branch_of, by_label, path) -> None:
+def _families_png(runs, datasets, all_key, styles, branch_of, by_label, path, axis) -> None:
     """Each trunk from just before its first branch on, with its branches: where the branches differ."""
     import matplotlib.pyplot as plt
 
@@ -129,10 +141,9 @@ def _families_png(runs, datasets, all_key, styles, branch_of, by_label, path) ->
             first = earlier[-1] if earlier else min(starts)
             for run in family:
                 s = [p for p in _with_trunk(run, key, by_label, branch_of) if p[0] >= first]
-                ax.plot(
-                    [t / 1e6 for _, t, _ in s], [v for _, _, v in s], marker=".", label=run.label, **styles[run.label]
-                )
-        ax.set(title=f"{ds}: trunks and their anneal branches", xlabel="tokens (millions)", ylabel="cross-entropy")
+                xs, ys = [t / axis[0] for _, t, _ in s], [v for _, _, v in s]
+                ax.plot(xs, ys, marker=".", label=run.label, **styles[run.label])
+        ax.set(title=f"{ds}: trunks and their anneal branches", xlabel=axis[1], ylabel="cross-entropy")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -145,15 +156,85 @@ def lr_key(run: Run) -> str | None:
     return keys[0] if keys else None
 
 
-def report(runs: list[Run], out: str, upstream: str | None = None, downstream: str | None = None) -> str:
-    """Write ``loss.png``, ``lr.png``, ``forgetting.png`` and ``summary.md`` into ``out`` (local or ``s3://``);
-    returns the summary's path."""
+def report(
+    runs: list[Run],
+    out: str,
+    upstream: str | None = None,
+    downstream: str | None = None,
+    baseline: str | None = None,
+    early: float = EARLY,
+) -> str:
+    """Write ``loss.png``, ``lr.png``, ``forgetting.png``, ``tasks.png`` (when tasks were evaluated) and
+    ``summary.md`` into ``out`` (local or ``s3://``); with ``baseline`` (the run without re-warming), the papers'
+    directions checked. Returns the summary's path."""
+    if baseline is not None and baseline not in {r.label for r in runs}:
+        raise ValueError(f"--baseline {baseline!r} is not one of the runs ({', '.join(r.label for r in runs)})")
+    if not 0 < early <= 1:
+        raise ValueError(f"--early {early} must be a fraction of each run in (0, 1]")
     with storage.Destination(out, "cpt report --out") as local:
-        _write(runs, local, upstream, downstream)
+        _write(runs, local, upstream, downstream, baseline, early)
     return storage.join(out, "summary.md")
 
 
-def _write(runs: list[Run], out: str, upstream: str | None, downstream: str | None) -> None:
+def summarize(runs: list[Run], up: str, down: str, early: float = EARLY) -> dict[str, dict[str, float]]:
+    """Per run with both datasets: start, the highest loss in its first ``early`` of batches (from batch 2) and the
+    end, upstream and downstream; forgetting (upstream end - start) and adaptation (downstream start - end)."""
+    out = {}
+    for run in runs:
+        su, sd = (run.series(f"metrics/eval/{ds}/all/{CE}") for ds in (up, down))
+        if not su or not sd:
+            continue
+        window = range(2, int(run.last_batch * early) + 1)
+        v = {"last_batch": su[-1][0]}
+        for name, s in (("upstream", su), ("downstream", sd)):
+            early_values = [x for b, _, x in s if b in window] or [s[0][2]]  # a short run may have none there
+            v.update({f"{name}_start": s[0][2], f"{name}_early_max": max(early_values), f"{name}_final": s[-1][2]})
+        v["forgetting"] = v["upstream_final"] - v["upstream_start"]
+        v["adaptation"] = v["downstream_start"] - v["downstream_final"]
+        out[run.label] = v
+    return out
+
+
+def max_lr(run: Run) -> float | None:
+    key = lr_key(run)
+    return max(v for _, _, v in run.series(key)) if key else None
+
+
+def directions(numbers: dict[str, dict], baseline: str, lrs: dict[str, float | None]) -> dict[str, bool | None]:
+    """The papers' six directions on measured numbers: ``None`` where the runs cannot tell (no re-warmed run, or
+    fewer than two distinct max LRs)."""
+    base = numbers.get(baseline)
+    warm = {k: v for k, v in numbers.items() if k != baseline}
+    by_lr = sorted((lrs[k], k) for k in warm if lrs.get(k) is not None)
+    ordered = [warm[k] for _, k in by_lr] if len({lr for lr, _ in by_lr}) == len(by_lr) > 1 else None
+
+    def rising(values: list[float]) -> bool:
+        return all(a < b for a, b in zip(values, values[1:]))
+
+    def every(pred) -> bool | None:
+        return all(pred(v) for v in warm.values()) if warm else None
+
+    return {
+        "re-warming raises the upstream loss at first": every(lambda v: v["upstream_early_max"] > v["upstream_start"]),
+        "re-warming raises the downstream loss at first": every(
+            lambda v: v["downstream_early_max"] > v["downstream_start"]
+        ),
+        "the higher max LR forgets more upstream": rising([v["forgetting"] for v in ordered]) if ordered else None,
+        "the higher max LR learns downstream better": (
+            rising([-v["downstream_final"] for v in ordered]) if ordered else None
+        ),
+        f"no re-warming ({baseline}) forgets least": (
+            base["forgetting"] < min(v["forgetting"] for v in warm.values()) if base and warm else None
+        ),
+        f"no re-warming ({baseline}) adapts least": (
+            base["adaptation"] < min(v["adaptation"] for v in warm.values()) if base and warm else None
+        ),
+    }
+
+
+def _write(
+    runs: list[Run], out: str, upstream: str | None, downstream: str | None, baseline: str | None, early: float
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,6 +242,7 @@ def _write(runs: list[Run], out: str, upstream: str | None, downstream: str | No
 
     up, down = pick_pair(runs, upstream, downstream)
     os.makedirs(out, exist_ok=True)
+    scale, xlabel = token_axis(max((r.get("tokens", 0) for run in runs for r in run.rows.values()), default=0))
     all_key = "metrics/eval/{}/all/" + CE
     styles, branch_of, by_label = _family_style(runs), families(runs), {r.label: r for r in runs}
 
@@ -168,9 +250,10 @@ def _write(runs: list[Run], out: str, upstream: str | None, downstream: str | No
     for run in runs:
         for ax, ds in zip(axes, (up, down)):
             s = _with_trunk(run, all_key.format(ds), by_label, branch_of)
-            ax.plot([t / 1e6 for _, t, _ in s], [v for _, _, v in s], marker=".", label=run.label, **styles[run.label])
+            xs, ys = [t / scale for _, t, _ in s], [v for _, _, v in s]
+            ax.plot(xs, ys, marker=".", label=run.label, **styles[run.label])
     for ax, ds, what in zip(axes, (up, down), ("upstream", "downstream")):
-        ax.set(title=f"{what} ({ds}) validation loss", xlabel="tokens (millions)", ylabel="cross-entropy")
+        ax.set(title=f"{what} ({ds}) validation loss", xlabel=xlabel, ylabel="cross-entropy")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -178,28 +261,26 @@ def _write(runs: list[Run], out: str, upstream: str | None, downstream: str | No
     plt.close(fig)
 
     if branch_of:
-        _families_png(runs, (up, down), all_key, styles, branch_of, by_label, os.path.join(out, "families.png"))
+        families_png = os.path.join(out, "families.png")
+        _families_png(runs, (up, down), all_key, styles, branch_of, by_label, families_png, (scale, xlabel))
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for run in runs:
         key = lr_key(run)
         if key:
             s = _with_trunk(run, key, by_label, branch_of)
-            ax.plot([t / 1e6 for _, t, _ in s], [v for _, _, v in s], label=run.label, **styles[run.label])
-    ax.set(title="learning rate", xlabel="tokens (millions)", ylabel="LR")
+            ax.plot([t / scale for _, t, _ in s], [v for _, _, v in s], label=run.label, **styles[run.label])
+    ax.set(title="learning rate", xlabel=xlabel, ylabel="LR")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "lr.png"), dpi=110)
     plt.close(fig)
 
-    deltas = {}
-    for run in runs:
-        su, sd = run.series(all_key.format(up)), run.series(all_key.format(down))
-        if su and sd:
-            deltas[run.label] = (su[-1][2] - su[0][2], sd[-1][2] - sd[0][2], su, sd)
+    numbers = summarize(runs, up, down, early)
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    for label, (du, dd, _, _) in deltas.items():
+    for label, v in numbers.items():
+        du, dd = v["forgetting"], -v["adaptation"]
         ax.scatter(dd, du)
         ax.annotate(label, (dd, du), fontsize=8, xytext=(4, 4), textcoords="offset points")
     ax.axhline(0, color="grey", lw=0.8)
@@ -214,6 +295,26 @@ def _write(runs: list[Run], out: str, upstream: str | None, downstream: str | No
     fig.savefig(os.path.join(out, "forgetting.png"), dpi=110)
     plt.close(fig)
 
+    tasks = sorted(set().union(*(r.tasks() for r in runs)))
+    if tasks:
+        cols = min(3, len(tasks))
+        rows_ = math.ceil(len(tasks) / cols)
+        fig, axes = plt.subplots(rows_, cols, figsize=(4.2 * cols, 3.3 * rows_), squeeze=False)
+        for ax, task in zip(axes.flat, tasks):
+            for run in runs:
+                if task in run.tasks():
+                    s = _with_trunk(run, run.tasks()[task], by_label, branch_of)
+                    ax.plot([t / scale for _, t, _ in s], [v for _, _, v in s], marker=".", label=run.label,
+                            **styles[run.label])  # fmt: skip
+            ax.set(title=task, xlabel=xlabel, ylabel="accuracy")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        for ax in list(axes.flat)[len(tasks) :]:
+            ax.axis("off")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "tasks.png"), dpi=110)
+        plt.close(fig)
+
     lines = [
         "# cpt report",
         "",
@@ -227,15 +328,28 @@ def _write(runs: list[Run], out: str, upstream: str | None, downstream: str | No
             lines.append(f"- `{branch}` leaves `{trunk}` at batch {branch_point(branch)}")
         lines.append("")
     lines += [
-        "| run | last batch | upstream first | upstream last | downstream first | downstream last | "
-        "upstream change | downstream change |",
-        "|---|---|---|---|---|---|---|---|",
+        f"Loss at the start, its highest in each run's first {early:.0%} of batches (from batch 2) and at the end; "
+        "forgetting is upstream end minus start, adaptation downstream start minus end."
+        + (" Task accuracy: first evaluation -> last." if tasks else ""),
+        "",
+        "| run | last batch | upstream start | upstream peak early | upstream end | downstream start | "
+        "downstream peak early | downstream end | forgetting | adaptation |" + "".join(f" {t} |" for t in tasks),
+        "|---" * (10 + len(tasks)) + "|",
     ]
-    for label, (du, dd, su, sd) in deltas.items():
-        lines.append(
-            f"| {label} | {su[-1][0]} | {su[0][2]:.4f} | {su[-1][2]:.4f} | {sd[0][2]:.4f} | "
-            f"{sd[-1][2]:.4f} | {du:+.4f} | {dd:+.4f} |"
-        )
+    for run in runs:
+        v = numbers.get(run.label)
+        if v is None:
+            continue
+        cells = [f"{v[f'{d}_{k}']:.4f}" for d in ("upstream", "downstream") for k in ("start", "early_max", "final")]
+        cells += [f"{v['forgetting']:+.4f}", f"{v['adaptation']:+.4f}"]
+        for task in tasks:
+            acc = run.series(run.tasks()[task]) if task in run.tasks() else []
+            cells.append(f"{acc[0][2]:.3f} -> {acc[-1][2]:.3f}" if acc else "-")
+        lines.append(f"| {run.label} | {v['last_batch']} | " + " | ".join(cells) + " |")
+    if baseline:
+        lines += ["", f"The papers' directions, with `{baseline}` as the run without re-warming:", ""]
+        for claim, ok in directions(numbers, baseline, {r.label: max_lr(r) for r in runs}).items():
+            lines.append(f"- {'n/a' if ok is None else 'yes' if ok else 'NO'}: {claim}")
     for ds in (up, down):
         domains = sorted(set().union(*(r.domains(ds) for r in runs)))
         lines += [
@@ -252,6 +366,8 @@ def _write(runs: list[Run], out: str, upstream: str | None, downstream: str | No
                 cells.append(f"{math.exp(s[-1][2]):.2f}" if s else "-")
             lines.append(f"| {dom} | " + " | ".join(cells) + " |")
     lines += ["", "![loss](loss.png)", "", "![learning rate](lr.png)", "", "![forgetting](forgetting.png)", ""]
+    if tasks:
+        lines += ["![task accuracy](tasks.png)", ""]
     if branch_of:
         lines += ["![trunks and their branches](families.png)", ""]
     with open(os.path.join(out, "summary.md"), "w") as fh:
