@@ -61,6 +61,28 @@ def _quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    try:
+        from cpt.tools.evaluate import evaluate, read_tasks
+    except ImportError as exc:  # lm-eval is an extra
+        print(f"error: cpt eval needs lm-evaluation-harness: pip install -e '.[eval]' ({exc})", file=sys.stderr)
+        return 2
+    tasks = read_tasks(args.tasks, args.overrides)
+    if args.only:
+        unknown = sorted(set(args.only.split(",")) - set(tasks))
+        if unknown:
+            print(f"error: --only {unknown[0]!r} is not a task of {args.tasks} ({', '.join(tasks)})", file=sys.stderr)
+            return 2
+        tasks = {k: v for k, v in tasks.items() if k in args.only.split(",")}
+    try:
+        evaluate(args.model, tasks, args.out, args.device, args.batch_size, args.budget)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out.rstrip('/')}/eval.md and eval.json")
+    return 0
+
+
 def _sweep(args: argparse.Namespace) -> int:
     from cpt.io.storage import local_only
     from cpt.tools.sweep import sweep
@@ -213,6 +235,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", dest="end", type=int, help="the last batch to include (with --from)")
     p.add_argument("--ema", type=float, help="exponential average with this decay, oldest first (default: uniform)")
     p.set_defaults(fn=_average)
+
+    p = sub.add_parser("eval", help="task accuracy offline with lm-evaluation-harness, on a run's task files")
+    p.add_argument("model", help="a Hugging Face folder, a cpt checkpoint or a run's save folder (local or s3://)")
+    p.add_argument("--tasks", required=True, help="a train YAML (its cpt.eval.tasks) or a YAML with tasks:")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of that YAML (e.g. variables.bucket=s3://b)")
+    p.add_argument("--only", help="comma-separated task names (default: all)")
+    p.add_argument("--out", default="eval", help="output folder, local or s3:// (default: ./eval)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--batch-size", type=int, default=8, help="lm-eval's batch size (default: 8)")
+    p.add_argument("--budget", action="store_true", help="each task's first `examples` only, as in the loop")
+    p.set_defaults(fn=_eval)
 
     p = sub.add_parser("export", help="a Composer checkpoint (local or s3://) -> a Hugging Face GPT-NeoX folder")
     p.add_argument("checkpoint")

@@ -362,7 +362,6 @@ def _check_values(cfg: DictConfig, section: Cpt, path: str) -> None:
             fail(f"cpt.train.{name}.proportion", src.proportion, "must be a positive number")
     urls = {f"cpt.train.{name}.path": src.path for name, src in section.train.items()}
     urls.update({f"cpt.eval.datasets.{name}.path": ds.path for name, ds in section.eval.datasets.items()})
-    urls.update({f"cpt.eval.tasks.{name}.path": t.path for name, t in section.eval.tasks.items()})
     urls.update({"cpt.model": section.model, "save_folder": cfg.get("save_folder")})
     for key, value in urls.items():
         try:
@@ -373,15 +372,7 @@ def _check_values(cfg: DictConfig, section: Cpt, path: str) -> None:
     tokens = section.eval.tokens_per_domain
     if tokens is not None and tokens < int(cfg.max_seq_len):
         fail("cpt.eval.tokens_per_domain", tokens, f"must be at least max_seq_len ({cfg.max_seq_len})")
-    for name, task in section.eval.tasks.items():
-        if not SAFE_NAME.fullmatch(name):
-            fail(f"cpt.eval.tasks.{name}", name, "must be a plain name (letters, digits, '.', '_', '-')")
-        if task.kind not in TASK_KINDS:
-            fail(f"cpt.eval.tasks.{name}.kind", task.kind, f"must be one of {', '.join(TASK_KINDS)}")
-        if task.fewshot < 0:
-            fail(f"cpt.eval.tasks.{name}.fewshot", task.fewshot, "must be at least 0")
-        if task.examples is not None and task.examples < 1:
-            fail(f"cpt.eval.tasks.{name}.examples", task.examples, "must be at least 1 (or null: all)")
+    check_tasks(section.eval.tasks, path)
     for key, value, low in (
         ("cpt.num_workers", section.num_workers if section.num_workers is not None else 0, 0),
         ("cpt.keep_checkpoints", section.keep_checkpoints, 0),
@@ -404,6 +395,27 @@ def _check_values(cfg: DictConfig, section: Cpt, path: str) -> None:
             fail("cpt.from_scratch", True, "cannot be combined with cpt.init (which starts from a checkpoint)")
     if not _finite(section.s3_retry_s) or section.s3_retry_s <= 0:
         fail("cpt.s3_retry_s", section.s3_retry_s, "must be a positive number of seconds")
+
+
+def check_tasks(tasks: dict[str, Task], path: str, where: str = "cpt.eval.tasks") -> None:
+    """Each task's name, kind, shots and budget (``cpt.eval.tasks``, and ``cpt eval``'s task list)."""
+    for name, task in tasks.items():
+        key = f"{where}.{name}"
+        problem = None
+        if not SAFE_NAME.fullmatch(name):
+            problem = f"{key}={name!r} must be a plain name (letters, digits, '.', '_', '-')"
+        elif task.kind not in TASK_KINDS:
+            problem = f"{key}.kind={task.kind!r} must be one of {', '.join(TASK_KINDS)}"
+        elif task.fewshot < 0:
+            problem = f"{key}.fewshot={task.fewshot!r} must be at least 0"
+        elif task.examples is not None and task.examples < 1:
+            problem = f"{key}.examples={task.examples!r} must be at least 1 (or null: all)"
+        if problem:
+            raise ConfigError(f"{path}: {problem}")
+        try:
+            storage.check_not_mistyped_url(task.path, f"{key}.path")
+        except storage.StorageError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
 
 
 def _scheduler(cfg: DictConfig, tokens_per_batch: int, path: str) -> tuple[schedules.Schedule, schedules.Clock]:

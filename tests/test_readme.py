@@ -42,7 +42,7 @@ def run(cmd: list[str], cwd: Path, env: dict | None = None) -> str:
 
 def test_every_readme_command_is_handled():
     handled = ("python convert/", "cpt schedule", "cpt sweep", "composer -n", "cpt train", "cpt report", "cpt export")
-    handled += ("cpt anneal", "cpt average")
+    handled += ("cpt anneal", "cpt average", "cpt eval")
     for cmd in readme_commands():
         assert cmd.startswith(handled + EXTERNAL), f"README command not exercised by tests/test_readme.py: {cmd}"
 
@@ -50,6 +50,7 @@ def test_every_readme_command_is_handled():
 @pytest.mark.slow
 def test_readme_workflow(tmp_path, s3_bucket):
     import zstandard
+    from test_tasks import write_hub_rows
 
     from cpt.data import synthetic
     from cpt.data.convert import DOMAIN_KEYS, convert
@@ -101,6 +102,8 @@ def test_readme_workflow(tmp_path, s3_bucket):
         "ep0-ba131296-rank0.pt": "ep0-ba8-rank0.pt",
         "s3://my-bucket": bucket,
         "/data/pile/val.jsonl.zst": str(pile_zst),
+        # "where the hub is reachable": the datasets' rows as the hub serves them, saved beforehand
+        "convert/tasks.py --out": f"convert/tasks.py --source {write_hub_rows(tmp_path / 'hub')} --out",
     }
     done = []
     for cmd in readme_commands():
@@ -138,7 +141,10 @@ def test_readme_workflow(tmp_path, s3_bucket):
             run([sys.executable, "-m", "cpt.cli", *argv[1:]], tmp_path)
         done.append(argv[0] if argv[0] != "cpt" else f"cpt {argv[1]}")
 
-    assert done.count("python") == 2 and "composer" in done and {"cpt report", "cpt export"} <= set(done)
+    assert done.count("python") == 3 and "composer" in done and {"cpt report", "cpt export"} <= set(done)
+    assert done.count("cpt eval") == 2 and storage.exists(f"{bucket}/tasks/hellaswag.jsonl")
+    for out in ("eval-final", "eval-curve"):
+        assert (tmp_path / out / "eval.json").is_file(), out
     assert {"cpt anneal", "cpt average"} <= set(done)
     assert len(list((tmp_path / "branches").glob("my-run-anneal8-1-sqrt-*ba.yaml"))) == 1
     assert (tmp_path / "averaged-model" / "model.safetensors").is_file()

@@ -83,12 +83,16 @@ def task_run(tmp_path_factory, tiny_project, s3_server):
     proc = subprocess.run(
         [sys.executable, "-m", "cpt.cli", "train", str(TINY), f"variables.data={tmp / 'data'}",
          f"variables.model={tmp / 'model'}", f"variables.save_folder={tmp / 'ck'}", f"cpt.run_dir={tmp / 'runs'}",
-         "variables.run_name=tasks", f"max_duration={STEPS}ba", "save_interval=8ba", "cpt.eval.interval=4ba",
-         "cpt.eval.tokens_per_domain=512", "cpt.num_workers=0", tasks],
+         "variables.run_name=tasks", f"max_duration={STEPS}ba", "save_interval=4ba", "cpt.eval.interval=4ba",
+         "cpt.eval.tokens_per_domain=512", "cpt.num_workers=0", tasks,
+         "cpt.eval.datasets.upstream.blends.mix={Pile-CC: 1}",
+         f"loggers={{mlflow: {{tracking_uri: 'file:{tmp}/mlruns', experiment_name: cpt-tasks}}, "
+         f"tensorboard: {{log_dir: '{tmp}/tb'}}}}"],
         cwd=tmp, capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-5000:]
     metrics = [json.loads(line) for line in (tmp / "runs" / "tasks" / "metrics.jsonl").read_text().splitlines()]
+    (tmp / "tasks.yaml").write_text(tasks.replace("cpt.eval.tasks=", "tasks: ") + "\n")  # for cpt eval
     return {"tmp": tmp, "rows": rows, "metrics": metrics, "log": proc.stdout + proc.stderr, "tok": tok}
 
 
@@ -240,3 +244,143 @@ def test_budget_in_batches_per_task():
     cadence.after_load(SimpleNamespace(evaluators=evs), None)
     assert [e.subset_num_batches for e in evs] == [math.ceil(21 / 4), None, 3]  # b: all of its examples
     assert all(e.eval_interval is cadence for e in evs)
+
+
+def _sum_rule(model, tok, rows: list[dict]) -> float:
+    """lm-eval's ``acc`` for multiple choice, by hand: the highest summed log-likelihood of the choice."""
+    correct = 0
+    for row in rows:
+        ctx = tok(row["query"])["input_ids"]
+        sums = [
+            -_mean_ce(model, ctx, tok(" " + c)["input_ids"]) * len(tok(" " + c)["input_ids"]) for c in row["choices"]
+        ]
+        correct += sums.index(max(sums)) == row["gold"]
+    return correct / len(rows)
+
+
+@pytest.mark.slow
+def test_cpt_eval_offline_agrees_with_the_loop(task_run):
+    """``cpt eval`` (lm-eval) on the base folder and on the run's save folder (each checkpoint exported on the fly):
+    the same accuracy as the loop for the last-word and schema tasks; for multiple choice, lm-eval's ``acc`` is the
+    summed log-likelihood rule, equal to the loop's mean rule where a question's choices have one length."""
+    from cpt.cli import main
+
+    tmp, tok = task_run["tmp"], task_run["tok"]
+    results = {}
+    for name, model_spec in (("base", tmp / "model"), ("run", tmp / "ck")):
+        out = tmp / f"eval-{name}"
+        argv = ["eval", str(model_spec), "--tasks", str(tmp / "tasks.yaml"), "--out", str(out), "--budget"]
+        assert main([*argv, "--device", "cpu"]) == 0
+        results.update(
+            {r["batch"] or 0: r["tasks"] for r in json.loads((out / "eval.json").read_text())["results"].values()}
+        )
+        assert (out / "eval.md").is_file()
+    assert sorted(results) == [0, 4, 8] and (tmp / "eval-run" / "eval.png").is_file()  # a curve: every checkpoint
+    for batch, scores in results.items():
+        loop = {name: _logged(task_run["metrics"], key)[batch] for name, key in KEYS.items()}
+        assert scores["lastword"]["acc"] == pytest.approx(loop["lastword"], abs=1e-6), batch
+        assert scores["schema"]["acc"] == pytest.approx(loop["schema"], abs=1e-6), batch
+        rows = task_run["rows"]["nextword"][:20]
+        assert scores["nextword"]["acc"] == pytest.approx(_sum_rule(_model(task_run, batch), tok, rows), abs=1e-6)
+        one_length = all(len({len(tok(" " + c)["input_ids"]) for c in r["choices"]}) == 1 for r in rows)
+        if one_length:
+            assert scores["nextword"]["acc"] == pytest.approx(loop["nextword"], abs=1e-6)
+
+
+HUB_ROWS = {  # one or two rows per dataset, as the hub serves them (field names and types)
+    "hellaswag": [
+        {"activity_label": "Removing ice from car", "ctx_a": "Then, the man writes over the snow on the window.",
+         "ctx_b": "then", "endings": [", the man adds wax.", ", a person boards a lift.", ", the man sings.",
+         ", the man keeps removing the snow."], "label": "3"},
+        {"activity_label": "Cooking", "ctx_a": "[header] How to cook rice. [title] Rinse the rice.", "ctx_b": "soak",
+         "endings": ["it.", "the pot.", "a towel.", "nothing."], "label": "0"},
+    ],
+    "arc_easy": [{"question": "Which gas do plants absorb?", "answerKey": "B",
+                  "choices": {"text": ["oxygen", "carbon dioxide", "helium", "neon"], "label": ["A", "B", "C", "D"]}}],
+    "arc_challenge": [{"question": "What melts ice fastest?", "answerKey": "3",
+                       "choices": {"text": ["sand", "water", "salt", "air"], "label": ["1", "2", "3", "4"]}}],
+    "winogrande": [{"sentence": "The trophy does not fit into the suitcase because _ is too large.",
+                    "option1": "the trophy", "option2": "the suitcase", "answer": "1"}],
+    "piqa": [{"goal": "To open a jar,", "sol1": "twist the lid.", "sol2": "hit it with a spoon.", "label": 0}],
+    "openbookqa": [{"question_stem": "The sun is", "answerKey": "D ",
+                    "choices": {"text": ["cold", "small", "a planet", "a star"], "label": ["A", "B", "C", "D"]}}],
+    "lambada_openai": [{"text": "he opened the door and saw his old friend standing there"}],
+}  # fmt: skip
+
+
+def write_hub_rows(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, rows in HUB_ROWS.items():
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_standard_tasks_convert_as_lm_eval_prompts_them(tmp_path, s3_bucket):
+    """``convert/tasks.py --source``: each dataset's rows -> cpt's format, the prompts written by hand after
+    lm-evaluation-harness's task definitions; written to S3 and readable by the loop's checks."""
+    script = ROOT / "convert" / "tasks.py"
+    src = write_hub_rows(tmp_path / "hub")
+    proc = subprocess.run([sys.executable, str(script), "--source", str(src), "--out", f"{s3_bucket}/tasks"],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def read(name):
+        return [
+            json.loads(line) for line in storage.read_bytes(f"{s3_bucket}/tasks/{name}.jsonl").decode().splitlines()
+        ]
+
+    assert read("hellaswag") == [
+        {"query": "Removing ice from car: Then, the man writes over the snow on the window. Then",
+         "choices": [", the man adds wax.", ", a person boards a lift.", ", the man sings.",
+                     ", the man keeps removing the snow."], "gold": 3},
+        {"query": "Cooking: How to cook rice.. Rinse the rice. Soak",
+         "choices": ["it.", "the pot.", "a towel.", "nothing."], "gold": 0},
+    ]  # fmt: skip
+    assert read("arc_easy") == [{"query": "Question: Which gas do plants absorb?\nAnswer:",
+                                 "choices": ["oxygen", "carbon dioxide", "helium", "neon"], "gold": 1}]  # fmt: skip
+    assert read("arc_challenge")[0]["gold"] == 2
+    because = "The trophy does not fit into the suitcase because"
+    assert read("winogrande") == [{"context_options": [f"{because} the trophy", f"{because} the suitcase"],
+                                   "continuation": "is too large.", "gold": 0}]  # fmt: skip
+    assert read("piqa") == [{"query": "Question: To open a jar,\nAnswer:",
+                             "choices": ["twist the lid.", "hit it with a spoon."], "gold": 0}]  # fmt: skip
+    assert read("openbookqa")[0] == {
+        "query": "The sun is",
+        "choices": ["cold", "small", "a planet", "a star"],
+        "gold": 3,
+    }
+    assert read("lambada_openai") == [{"context": "he opened the door and saw his old friend standing",
+                                       "continuation": " there"}]  # fmt: skip
+    (src / "piqa.jsonl").write_text('{"goal": "x", "sol1": "a"}\n')
+    proc = subprocess.run([sys.executable, str(script), "--source", str(src), "--out", str(tmp_path / "o"),
+                           "--tasks", "piqa"], capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 2 and "piqa: row 0: cannot convert (KeyError('sol2'))" in proc.stderr
+
+
+LOGGED = [
+    *KEYS.values(),
+    "metrics/eval/upstream/all/LanguageCrossEntropy",
+    "metrics/eval/upstream/mix/LanguageCrossEntropy",
+    "metrics/eval/downstream/pile-cc/LanguagePerplexity",
+]
+
+
+@pytest.mark.slow
+def test_mlflow_and_tensorboard_receive_domains_blends_and_tasks(task_run):
+    """The YAML's ``loggers:`` (MLflow's local file store, TensorBoard), read back from their stores: every
+    evaluation's per-domain metric, blend and task accuracy, equal to ``metrics.jsonl``'s."""
+    import mlflow
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tmp = task_run["tmp"]
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"file:{tmp}/mlruns")
+    (run,) = client.search_runs([client.get_experiment_by_name("cpt-tasks").experiment_id])
+    tb = EventAccumulator(str(tmp / "tb"), size_guidance={"scalars": 0})
+    tb.Reload()
+    for key in LOGGED:
+        expected = _logged(task_run["metrics"], key)
+        assert len(expected) == 4, key
+        mlflow_points = {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+        assert mlflow_points == pytest.approx(expected, rel=1e-6), key
+        tb_points = {e.step: e.value for e in tb.Scalars(key)}
+        assert tb_points == pytest.approx(expected, rel=1e-6), key

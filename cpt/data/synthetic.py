@@ -112,10 +112,9 @@ def _words(text: str) -> list[str]:
 
 def next_word_choice(texts: list[str], n: int, seed: int, choices: int = 4, context: int = 24) -> list[dict]:
     """A ``multiple_choice`` task (``query``, ``choices``, ``gold``) from documents: which word comes next? The
-    query is a stretch of ``context`` words, the gold choice the word that follows it, the others words from
-    other documents that the query does not hold."""
+    query is a stretch of ``context`` words, the gold choice the word that follows it, the others words of the same
+    document that the query does not hold (the same vocabulary: the document's topic does not give it away)."""
     rng = random.Random(seed)
-    pool = sorted({w for t in texts for w in _words(t) if w.isalpha()})
     rows = []
     for _ in range(100 * n):
         if len(rows) == n:
@@ -125,7 +124,7 @@ def next_word_choice(texts: list[str], n: int, seed: int, choices: int = 4, cont
             continue
         start = rng.randrange(len(words) - context)
         query, answer = words[start : start + context], words[start + context]
-        wrong = [w for w in pool if w not in query and w != answer]
+        wrong = sorted({w for w in words if w.isalpha() and w not in query and w != answer})
         if not answer.isalpha() or len(wrong) < choices - 1:
             continue
         options = rng.sample(wrong, choices - 1)

@@ -88,11 +88,11 @@ def check_file(path: str, kind: str, fewshot: int = 0, shown: str | None = None)
     return n
 
 
-def prepare(section: Cpt, cache: str) -> dict[str, str]:
-    """``{task: local JSONL}``: ``s3://`` files downloaded once per launch into the run's cache, every file
-    checked. ``ConfigError`` naming the key, the file and the line."""
+def prepare(tasks: dict[str, Task], cache: str) -> dict[str, str]:
+    """``{task: local JSONL}``: ``s3://`` files downloaded once per launch into ``cache``, every file checked.
+    ``ConfigError`` naming the key, the file and the line."""
     out = {}
-    for name, task in section.eval.tasks.items():
+    for name, task in tasks.items():
         key = f"cpt.eval.tasks.{name}.path"
         try:
             local = task.path

@@ -24,7 +24,7 @@ from cpt.tools import report
 from cpt.tools.anneal import plan_branch
 from cpt.tools.average import average
 from cpt.tools.export import export
-from cpt.tools.quickstart import MAX_LR, SEQ, base_config, make_corpora, train_config, train_yaml
+from cpt.tools.quickstart import MAX_LR, SEQ, base_config, make_corpora, train_yamls, write_config
 
 STEPS, EVERY, LENGTH = 120, 20, 20
 
@@ -77,15 +77,15 @@ def branches_demo(work: str = "quickstart-branches", steps: int = STEPS, every: 
         cfg["cpt"]["eval"].update(early=None)
         cfg["cpt"]["keep_checkpoints"] = 0
         cfg["save_interval"] = f"{every}ba"
-        train_config(cfg, work)
         runs[name] = cfg
+    train_yamls([write_config(c, work) for c in runs.values()], work, "trunk-and-cosine")
     trunk_folder = runs["trunk"]["save_folder"]
     print("3/5 anneal branches off the trunk", flush=True)
-    branches = []
-    for at in (steps // 2, steps - length):
-        b = plan_branch(trunk_folder, str(at), f"{length}ba", "1-sqrt", 0.1, os.path.join(work, "branches"))
-        train_yaml(b.path, b.name, work)
-        branches.append(b)
+    branches = [
+        plan_branch(trunk_folder, str(at), f"{length}ba", "1-sqrt", 0.1, os.path.join(work, "branches"))
+        for at in (steps // 2, steps - length)
+    ]
+    train_yamls([b.path for b in branches], work, "branches")
     print("4/5 averaging the trunk's last three checkpoints", flush=True)
     averaged = os.path.join(work, "averaged")
     batches = average(trunk_folder, averaged, last=3, progress=False)
