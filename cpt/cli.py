@@ -67,11 +67,11 @@ def _eval(args: argparse.Namespace) -> int:
     except ImportError as exc:  # lm-eval is an extra
         print(f"error: cpt eval needs lm-evaluation-harness: pip install -e '.[eval]' ({exc})", file=sys.stderr)
         return 2
-    tasks = read_tasks(args.tasks, args.overrides)
+    tasks = read_tasks(args.config, args.overrides)
     if args.only:
         unknown = sorted(set(args.only.split(",")) - set(tasks))
         if unknown:
-            print(f"error: --only {unknown[0]!r} is not a task of {args.tasks} ({', '.join(tasks)})", file=sys.stderr)
+            print(f"error: --only {unknown[0]!r} is not a task of {args.config} ({', '.join(tasks)})", file=sys.stderr)
             return 2
         tasks = {k: v for k, v in tasks.items() if k in args.only.split(",")}
     try:
@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="task accuracy offline with lm-evaluation-harness, on a run's task files")
     p.add_argument("model", help="a Hugging Face folder, a cpt checkpoint or a run's save folder (local or s3://)")
-    p.add_argument("--tasks", required=True, help="a train YAML (its cpt.eval.tasks) or a YAML with tasks:")
+    p.add_argument("config", help="a train YAML (its cpt.eval.tasks) or a YAML with a top-level tasks:")
     p.add_argument("overrides", nargs="*", help="key=value overrides of that YAML (e.g. variables.bucket=s3://b)")
     p.add_argument("--only", help="comma-separated task names (default: all)")
     p.add_argument("--out", default="eval", help="output folder, local or s3:// (default: ./eval)")

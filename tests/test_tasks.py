@@ -269,7 +269,7 @@ def test_cpt_eval_offline_agrees_with_the_loop(task_run):
     results = {}
     for name, model_spec in (("base", tmp / "model"), ("run", tmp / "ck")):
         out = tmp / f"eval-{name}"
-        argv = ["eval", str(model_spec), "--tasks", str(tmp / "tasks.yaml"), "--out", str(out), "--budget"]
+        argv = ["eval", str(model_spec), str(tmp / "tasks.yaml"), "--out", str(out), "--budget"]
         assert main([*argv, "--device", "cpu"]) == 0
         results.update(
             {r["batch"] or 0: r["tasks"] for r in json.loads((out / "eval.json").read_text())["results"].values()}
@@ -375,12 +375,14 @@ def test_mlflow_and_tensorboard_receive_domains_blends_and_tasks(task_run):
     tmp = task_run["tmp"]
     client = mlflow.tracking.MlflowClient(tracking_uri=f"file:{tmp}/mlruns")
     (run,) = client.search_runs([client.get_experiment_by_name("cpt-tasks").experiment_id])
-    tb = EventAccumulator(str(tmp / "tb"), size_guidance={"scalars": 0})
-    tb.Reload()
+    tb = []  # Composer writes <log_dir>/<run>/ (and a folder below it for the hyperparameters)
+    for folder in sorted({p.parent for p in (tmp / "tb").rglob("events.out.tfevents.*")}):
+        tb.append(EventAccumulator(str(folder), size_guidance={"scalars": 0}))
+        tb[-1].Reload()
     for key in LOGGED:
         expected = _logged(task_run["metrics"], key)
         assert len(expected) == 4, key
         mlflow_points = {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
         assert mlflow_points == pytest.approx(expected, rel=1e-6), key
-        tb_points = {e.step: e.value for e in tb.Scalars(key)}
+        tb_points = {e.step: e.value for acc in tb if key in acc.Tags()["scalars"] for e in acc.Scalars(key)}
         assert tb_points == pytest.approx(expected, rel=1e-6), key

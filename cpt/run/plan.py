@@ -135,6 +135,8 @@ class Plan:
             callbacks["cpt_eval_cadence"] = cadence(checked)
         save = checked.save_folder
         loggers = dict(out.get("loggers") or {})
+        if "mlflow" in loggers:  # Composer's drops a value equal to the previous one for 100 steps: an accuracy
+            loggers["mlflow"] = {"log_duplicated_metric_every_n_steps": 1, **(loggers["mlflow"] or {})}  # that holds
         loggers["cpt_jsonl"] = {
             "path": os.path.join(self.run_dir, "metrics.jsonl"),
             "remote": save if save and storage.is_s3(save) else None,

@@ -1,4 +1,4 @@
-"""``cpt eval MODEL --tasks CONFIG``: the task files of a run, scored offline by lm-evaluation-harness.
+"""``cpt eval MODEL CONFIG [key=value ...]``: the task files of a run, scored offline by lm-evaluation-harness.
 
 MODEL is a Hugging Face folder (an export, a Pythia step folder), a cpt checkpoint (exported on the fly; monolithic
 ``.pt`` or a sharded folder) or a run's save folder (every checkpoint in it, oldest first: a curve), local or
