@@ -123,3 +123,20 @@ def test_a_mistyped_destination_url_is_refused(tmp_path, capsys, monkeypatch):
     assert main(["schedule", str(PAPER), "--csv", "s3://bucket/lr.csv"]) == 2
     assert "must be a local path" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # no local folder named s3:
+
+
+@pytest.mark.parametrize(
+    "tokens,expected",
+    [
+        (0, (1.0, "tokens")),
+        (999, (1.0, "tokens")),
+        (1000, (1e3, "tokens (thousands)")),
+        (262_144, (1e3, "tokens (thousands)")),  # the quickstart's 0.26M tokens: not 0.000262 billions
+        (1_000_000, (1e6, "tokens (millions)")),
+        (296_866_406_400, (1e9, "tokens (billions)")),  # the paper's run
+    ],
+)
+def test_token_axis_unit_fits_the_run(tokens, expected):
+    from cpt.optim.preview import token_axis
+
+    assert token_axis(tokens) == expected

@@ -142,6 +142,7 @@ def test_eval_cadence_and_lr(s3_run):
     assert ce[0] == ce[1]  # batch 0 trained at LR 0
     lrs = {r["batch"]: r["lr-AdamW/group0"] for r in rows if "lr-AdamW/group0" in r}
     assert lrs[1] == pytest.approx(1e-4) and lrs[3] == pytest.approx(3e-4)  # logged after batch n: LR of batch n
+    assert lrs[0] == 0.0  # batch 0's, logged before it trains: the warmup starts at 0, not at 1e-4
 
 
 def _direct_losses(s3_run, dataset: str) -> dict[str, float]:
