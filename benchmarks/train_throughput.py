@@ -156,6 +156,7 @@ def run_cpt(work: Path, shape: dict, compile_: bool, device: str, overrides: lis
     cfg.cpt.eval.datasets = {"heldout": {"path": str(work / "data" / "val")}} if evals else {}
     cfg.cpt.eval.interval = f"{shape['eval_every']}ba"
     cfg.cpt.eval.early = None
+    cfg.cpt.eval.tasks = {}  # task files live in the user's bucket; the perplexity evaluation stands for evaluation
     cfg.cpt.eval.first = False
     cfg.cpt.eval.tokens_per_domain = shape["eval_tokens"]
     cfg.cpt.run_dir = str(work / "runs")
