@@ -171,7 +171,7 @@ def test_tasks_follow_the_perplexity_cadence_and_the_run_is_quiet(task_run):
     log = task_run["log"]
     assert "was called before the update method" not in log
     assert "worker processes in total" not in log  # torch's warning about more loader workers than CPUs
-    assert (task_run["tmp"] / "cache" / "runs" / "tasks" / "tasks" / "lastword.jsonl").is_file()  # S3: cached
+    assert "downloaded s3://cpt-tasks/lastword.jsonl into" in log  # S3: fetched into the cache
     assert not list(task_run["tmp"].glob("*-0.jsonl"))  # llm-foundry copied nothing into the working directory
 
 
@@ -386,3 +386,28 @@ def test_mlflow_and_tensorboard_receive_domains_blends_and_tasks(task_run):
         assert mlflow_points == pytest.approx(expected, rel=1e-6), key
         tb_points = {e.step: e.value for acc in tb if key in acc.Tags()["scalars"] for e in acc.Scalars(key)}
         assert tb_points == pytest.approx(expected, rel=1e-6), key
+
+
+def test_an_s3_task_file_is_fetched_once_and_again_when_it_changes(s3_bucket, tmp_path, caplog):
+    import logging
+
+    from cpt.config import Task
+    from cpt.eval.tasks import prepare
+
+    rows = [{"context": "the river", "continuation": " city"}, {"context": "a cell", "continuation": " gene"}]
+    url = f"{s3_bucket}/tasks/lm.jsonl"
+    storage.upload_file(synthetic.write_task(tmp_path / "lm.jsonl", rows), url)
+    tasks = {"lm": Task(path=url, kind="language_modeling")}
+    with caplog.at_level(logging.INFO, logger="cpt"):
+        first = prepare(tasks)["lm"]
+        assert prepare(tasks)["lm"] == first  # a relaunch, or another rank on the node
+        storage.write_bytes(url, (json.dumps(rows[0]) + "\n").encode())  # replaced in the bucket
+        assert prepare(tasks)["lm"] == first
+    said = [r.getMessage() for r in caplog.records]
+    assert [m.split(" ")[0] for m in said if url in m] == [
+        "downloaded",
+        "using",
+        s3_bucket + "/tasks/lm.jsonl",
+        "downloaded",
+    ]
+    assert Path(first).read_text() == json.dumps(rows[0]) + "\n"

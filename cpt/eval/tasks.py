@@ -22,6 +22,7 @@ import os
 
 from cpt.config import ConfigError, Cpt, Task
 from cpt.io import storage
+from cpt.io.cache import mirror_file
 
 FIELDS = {  # kind -> {field: its type}
     "language_modeling": {"context": str, "continuation": str},
@@ -88,26 +89,18 @@ def check_file(path: str, kind: str, fewshot: int = 0, shown: str | None = None)
     return n
 
 
-def prepare(tasks: dict[str, Task], cache: str) -> dict[str, str]:
-    """``{task: local JSONL}``: ``s3://`` files downloaded once per launch into ``cache``, every file checked.
-    ``ConfigError`` naming the key, the file and the line."""
+def prepare(tasks: dict[str, Task]) -> dict[str, str]:
+    """``{task: local JSONL}``, every file checked; an ``s3://`` file is fetched once into the cache (again only when
+    its ETag changes). ``ConfigError`` naming the key, the file and the line."""
     out = {}
     for name, task in tasks.items():
-        key = f"cpt.eval.tasks.{name}.path"
         try:
-            local = task.path
-            if storage.is_s3(task.path):
-                local = os.path.join(cache, "tasks", f"{name}.jsonl")
-                os.makedirs(os.path.dirname(local), exist_ok=True)
-                tmp = f"{local}.{os.getpid()}.tmp"  # ranks download side by side; each replace is whole
-                with open(tmp, "wb") as fh:
-                    fh.write(storage.read_bytes(task.path))
-                os.replace(tmp, local)
-            elif not os.path.isfile(local):
+            local = mirror_file(task.path, "tasks")
+            if not os.path.isfile(local):
                 raise ValueError(f"{task.path}: no such file")
             check_file(local, task.kind, task.fewshot, shown=task.path)
         except (ValueError, OSError, storage.StorageError) as exc:
-            raise ConfigError(f"{key}: {exc}") from exc
+            raise ConfigError(f"cpt.eval.tasks.{name}.path: {exc}") from exc
         out[name] = os.path.abspath(local)
     return out
 

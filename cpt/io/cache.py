@@ -1,6 +1,8 @@
-"""The project's local cache: ``$CPT_CACHE``, else ``~/.cache/cpt``; a file lock; local copies of remote folders.
+"""The project's local cache: ``$CPT_CACHE``, else ``~/.cache/cpt``; a file lock; local copies of remote folders
+and files.
 
-A copy of an ``s3://`` folder is kept with the listing it was made from (every object's ETag). Each use lists
+A copy of an ``s3://`` folder is kept with the listing it was made from (every object's ETag), a copy of one
+object with its ETag. Each use lists
 the folder again: the same listing reuses the copy, a changed one (a folder re-uploaded to the same path)
 fetches it again. The log says which copy is used.
 """
@@ -80,3 +82,26 @@ def mirror(url: str, kind: str, check: Callable[[list[str]], None] | None = None
             json.dump({"url": url, "objects": now}, fh)
         log.info("downloaded %s (%d objects) into %s", url, len(now), files)
     return files
+
+
+def mirror_file(url: str, kind: str) -> str:
+    """A local copy of one ``s3://`` object as it is now (a local path is returned as it is): fetched once per node
+    while its ETag stays the same, under the same lock as ``mirror``."""
+    if not storage.is_s3(url):
+        return url
+    home = cache_dir(kind, hashlib.sha256(url.encode()).hexdigest()[:16])
+    local, record = os.path.join(home, os.path.basename(url)), os.path.join(home, "etag.json")
+    with locked(home):
+        now = {"url": url, "etag": storage.etag(url)}
+        if os.path.isfile(record) and os.path.isfile(local):
+            with open(record) as fh:
+                if json.load(fh) == now:
+                    log.info("using the cached copy of %s at %s (ETag unchanged)", url, local)
+                    return local
+            log.info("%s changed since it was cached at %s: fetching it again", url, local)
+            os.remove(record)
+        storage.download_file(url, local)
+        with open(record, "w") as fh:
+            json.dump(now, fh)
+        log.info("downloaded %s into %s", url, local)
+    return local

@@ -243,6 +243,12 @@ def size(path: str) -> int:
         raise StorageError(f"cannot stat {path}: {exc.strerror}") from exc
 
 
+def etag(url: str) -> str:
+    """An ``s3://`` object's ETag: changes whenever the object is replaced."""
+    bucket, key = split_s3(url)
+    return str(_s3(f"cannot stat {url}", lambda: s3_client().head_object(Bucket=bucket, Key=key))["ETag"])
+
+
 def exists(path: str) -> bool:
     if not is_s3(path):
         return os.path.exists(path)

@@ -71,7 +71,7 @@ class Plan:
                 )
         domains.blend_weights(section, evals)  # a blend naming an unknown domain fails now
         cache = cache_dir("runs", checked.run_name)
-        task_files = tasks.prepare(section.eval.tasks, cache)  # a missing or malformed task file fails now
+        task_files = tasks.prepare(section.eval.tasks)  # a missing or malformed task file fails now
         save = checked.save_folder
         staged = bool(save) and (storage.is_s3(save) or checked.sharded)
         resume = _resume_point(save, cache, path)

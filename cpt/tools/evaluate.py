@@ -133,7 +133,7 @@ def evaluate(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp, storage.Destination(out, "cpt eval --out") as local_out:
-        files = task_files.prepare(tasks, os.path.join(tmp, "files"))  # checked, s3:// fetched
+        files = task_files.prepare(tasks)  # checked; s3:// files fetched into the cache
         defs = os.path.join(tmp, "lm-eval-tasks")
         os.makedirs(defs)
         for name, task in tasks.items():
