@@ -47,7 +47,8 @@ def _greedy_rows(model_dir: str, rows: list[dict], tok) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def task_run(tmp_path_factory, tiny_project, s3_server):
-    """A tiny run with three tasks (two of them from S3), evaluated first, densely early, and at the end."""
+    """A tiny run with three tasks (two of them from S3), evaluated first, densely early, and at the end. The loss
+    is the chunked one (as on a GPU): task scoring still sees the full logits."""
     import boto3
     from transformers import AutoTokenizer
 
@@ -84,7 +85,7 @@ def task_run(tmp_path_factory, tiny_project, s3_server):
         [sys.executable, "-m", "cpt.cli", "train", str(TINY), f"variables.data={tmp / 'data'}",
          f"variables.model={tmp / 'model'}", f"variables.save_folder={tmp / 'ck'}", f"cpt.run_dir={tmp / 'runs'}",
          "variables.run_name=tasks", f"max_duration={STEPS}ba", "save_interval=4ba", "cpt.eval.interval=4ba",
-         "cpt.eval.tokens_per_domain=512", "cpt.num_workers=0", tasks,
+         "cpt.eval.tokens_per_domain=512", "cpt.num_workers=0", tasks, "cpt.loss.impl=chunked",
          "cpt.eval.datasets.upstream.blends.mix={Pile-CC: 1}",
          f"loggers={{mlflow: {{tracking_uri: 'file:{tmp}/mlruns', experiment_name: cpt-tasks}}, "
          f"tensorboard: {{log_dir: '{tmp}/tb'}}}}"],
