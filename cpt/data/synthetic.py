@@ -110,20 +110,22 @@ def _words(text: str) -> list[str]:
     return [w.strip(".,;:!?\"'()") for w in text.split()]
 
 
+def _passages(rng: random.Random, texts: list[str], tries: int, context: int):
+    """``(document words, a stretch of ``context`` words, the word after it)`` drawn from random documents."""
+    for _ in range(tries):
+        words = _words(rng.choice(texts))
+        if len(words) > context:
+            start = rng.randrange(len(words) - context)
+            yield words, words[start : start + context], words[start + context]
+
+
 def next_word_choice(texts: list[str], n: int, seed: int, choices: int = 4, context: int = 24) -> list[dict]:
     """A ``multiple_choice`` task (``query``, ``choices``, ``gold``) from documents: which word comes next? The
     query is a stretch of ``context`` words, the gold choice the word that follows it, the others words of the same
     document that the query does not hold (the same vocabulary: the document's topic does not give it away)."""
     rng = random.Random(seed)
     rows = []
-    for _ in range(100 * n):
-        if len(rows) == n:
-            break
-        words = _words(rng.choice(texts))
-        if len(words) <= context:
-            continue
-        start = rng.randrange(len(words) - context)
-        query, answer = words[start : start + context], words[start + context]
+    for words, query, answer in _passages(rng, texts, 100 * n, context):
         wrong = sorted({w for w in words if w.isalpha() and w not in query and w != answer})
         if not answer.isalpha() or len(wrong) < choices - 1:
             continue
@@ -131,6 +133,8 @@ def next_word_choice(texts: list[str], n: int, seed: int, choices: int = 4, cont
         gold = rng.randrange(choices)
         options.insert(gold, answer)
         rows.append({"query": " ".join(query), "choices": options, "gold": gold})
+        if len(rows) == n:
+            break
     return rows
 
 
@@ -139,17 +143,11 @@ def last_word(texts: list[str], n: int, seed: int, context: int = 24) -> list[di
     word that follows it (with its leading space)."""
     rng = random.Random(seed)
     rows = []
-    for _ in range(100 * n):
-        if len(rows) == n:
-            break
-        words = _words(rng.choice(texts))
-        if len(words) <= context:
-            continue
-        start = rng.randrange(len(words) - context)
-        if words[start + context].isalpha():
-            rows.append(
-                {"context": " ".join(words[start : start + context]), "continuation": " " + words[start + context]}
-            )
+    for _, query, answer in _passages(rng, texts, 100 * n, context):
+        if answer.isalpha():
+            rows.append({"context": " ".join(query), "continuation": " " + answer})
+            if len(rows) == n:
+                break
     return rows
 
 

@@ -135,8 +135,10 @@ class Plan:
             callbacks["cpt_eval_cadence"] = cadence(checked)
         save = checked.save_folder
         loggers = dict(out.get("loggers") or {})
-        if "mlflow" in loggers:  # Composer's drops a value equal to the previous one for 100 steps: an accuracy
-            loggers["mlflow"] = {"log_duplicated_metric_every_n_steps": 1, **(loggers["mlflow"] or {})}  # that holds
+        if "mlflow" in loggers:
+            # Composer's MLflow logger drops a value equal to the previous one for 100 steps: an accuracy that
+            # holds still would lose its points. Every evaluation is kept unless the YAML says otherwise.
+            loggers["mlflow"] = {"log_duplicated_metric_every_n_steps": 1, **(loggers["mlflow"] or {})}
         loggers["cpt_jsonl"] = {
             "path": os.path.join(self.run_dir, "metrics.jsonl"),
             "remote": save if save and storage.is_s3(save) else None,
