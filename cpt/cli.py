@@ -75,7 +75,7 @@ def _eval(args: argparse.Namespace) -> int:
             return 2
         tasks = {k: v for k, v in tasks.items() if k in args.only.split(",")}
     try:
-        evaluate(args.model, tasks, args.out, args.device, args.batch_size, args.budget)
+        evaluate(args.model, tasks, args.out, args.device, args.batch_size, args.budget, args.overwrite)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -99,7 +99,8 @@ def _report(args: argparse.Namespace) -> int:
 
     try:
         runs = [report.load(r) for r in args.runs]
-        print(f"wrote {report.report(runs, args.out, args.upstream, args.downstream, args.baseline, args.early)}")
+        path = report.report(runs, args.out, args.upstream, args.downstream, args.baseline, args.early, args.overwrite)
+        print(f"wrote {path}")
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -110,7 +111,7 @@ def _export(args: argparse.Namespace) -> int:
     from cpt.tools.export import export
 
     try:
-        print(f"wrote {export(args.checkpoint, args.out)}")
+        print(f"wrote {export(args.checkpoint, args.out, args.overwrite)}")
     except (ValueError, FileNotFoundError) as exc:  # an unsafe, missing or foreign checkpoint, named
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -142,7 +143,9 @@ def _average(args: argparse.Namespace) -> int:
     from cpt.tools.average import average
 
     try:
-        batches = average(args.save_folder, args.out, args.last, args.start, args.end, args.ema)
+        batches = average(
+            args.save_folder, args.out, args.last, args.start, args.end, args.ema, overwrite=args.overwrite
+        )
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -213,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--early", type=float, default=0.25, help="'at first': each run's first fraction of batches (default: 0.25)"
     )
+    _overwrite(p)
     p.set_defaults(fn=_report)
 
     p = sub.add_parser("anneal", help="a decay branch off a trunk run's checkpoint: its own run and save folder")
@@ -234,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--from", dest="start", type=int, help="the first batch to include")
     p.add_argument("--to", dest="end", type=int, help="the last batch to include (with --from)")
     p.add_argument("--ema", type=float, help="exponential average with this decay, oldest first (default: uniform)")
+    _overwrite(p)
     p.set_defaults(fn=_average)
 
     p = sub.add_parser("eval", help="task accuracy offline with lm-evaluation-harness, on a run's task files")
@@ -245,13 +250,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--batch-size", type=int, default=8, help="lm-eval's batch size (default: 8)")
     p.add_argument("--budget", action="store_true", help="each task's first `examples` only, as in the loop")
+    _overwrite(p)
     p.set_defaults(fn=_eval)
 
     p = sub.add_parser("export", help="a Composer checkpoint (local or s3://) -> a Hugging Face GPT-NeoX folder")
     p.add_argument("checkpoint")
     p.add_argument("out", help="the Hugging Face folder to write, local or s3://")
+    _overwrite(p)
     p.set_defaults(fn=_export)
     return parser
+
+
+def _overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="clear what OUT already holds (default: refuse)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    except StorageError as exc:
+    except (StorageError, ValueError, FileNotFoundError) as exc:  # untrusted input and bad arguments, named
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -17,8 +17,8 @@ import shutil
 import sys
 
 from cpt import config
-from cpt.io import storage
-from cpt.run import cleanup, lock, stage
+from cpt.io import storage, untrusted
+from cpt.run import cleanup, fingerprint, lock, stage
 from cpt.run.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,9 @@ def train_from_yaml(path: str, overrides: list[str] | None = None):
         return None
     if plan.lock:
         if os.environ.get("RANK", "0") == "0":
-            lock.acquire(plan.lock)  # before anything is written to the save folder
-            stage.write_run_spec(plan.lock, path, overrides or [])  # what cpt anneal derives a branch from
+            stage.check_owner(plan.lock, plan.checked.run_name, path)  # a folder is one run's
+            lock.acquire(plan.lock)  # before anything is written to the save folder, after every check
+            stage.write_run_spec(plan.lock, path, overrides or [], plan.checked.run_name)  # what cpt anneal reads
         cleanup.mark(plan.lock)  # every process this rank spawns carries it
     if os.environ.get("LOCAL_RANK", "0") == "0":
         if plan.lock:
@@ -48,7 +49,12 @@ def train_from_yaml(path: str, overrides: list[str] | None = None):
             shutil.rmtree(plan.staging, ignore_errors=True)  # a killed run's partial or unsent saves
         cleanup.clean_stale()  # a killed run's /dev/shm segments, which would block this one; live runs' stay
     log.info("%s", plan.describe())
-    return train(plan.to_foundry())
+    try:
+        return train(plan.to_foundry())
+    except BaseException:
+        if plan.lock and os.environ.get("RANK", "0") == "0":
+            lock.release(plan.lock)  # a refused or failed launch leaves the folder free
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         train_from_yaml(argv[0], argv[1:])
     except config.ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except (fingerprint.FingerprintError, untrusted.UntrustedError) as exc:  # raised inside Composer's load, too
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     except lock.RunLockError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -25,7 +25,7 @@ from cpt.cli import main
 from cpt.data import manifest
 from cpt.data.convert import DOMAIN_KEYS, convert
 from cpt.data.sources import InputError
-from cpt.io import redact, storage
+from cpt.io import redact, storage, untrusted
 from cpt.run.plan import Plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,17 +113,17 @@ def test_a_sharded_checkpoint_with_a_pickled_payload_is_refused(tmp_path):
 
 @pytest.mark.parametrize("key", ["../../escaped.txt", "a/../../escaped.txt", "./x", "a//b"])
 def test_keys_that_would_leave_their_folder_are_refused(key, tmp_path, s3_bucket):
-    with pytest.raises(storage.StorageError, match="refusing the key"):
-        storage.local_path(str(tmp_path / "root"), key, "test")
+    with pytest.raises(untrusted.UntrustedError, match="refusing the key"):
+        untrusted.child(str(tmp_path / "root"), key, "test")
     url = f"{s3_bucket}/models/m"
     storage.write_bytes(f"{url}/config.json", b"{}")
     storage.write_bytes(f"{url}/{key}", b"planted")
     from cpt.model import resolve_folder
     from cpt.tools.export import export
 
-    with pytest.raises(storage.StorageError, match="refusing the key"):
+    with pytest.raises(untrusted.UntrustedError, match="refusing the key"):
         resolve_folder(url)
-    with pytest.raises(storage.StorageError, match="refusing the key"):
+    with pytest.raises(untrusted.UntrustedError, match="refusing the key"):
         export(url, str(tmp_path / "out"))
     assert not list(tmp_path.rglob("escaped.txt"))
 

@@ -37,7 +37,7 @@ from cpt.data.manifest import COLUMN, DTYPE, DomainStats, Manifest, slugify
 from cpt.data.manifest import write as write_manifest
 from cpt.data.tokenizer import EOS_TOKEN
 from cpt.data.tokenizer import describe as describe_tokenizer
-from cpt.io import storage
+from cpt.io import storage, untrusted
 from cpt.io.cache import cache_dir
 
 log = logging.getLogger(__name__)
@@ -475,7 +475,7 @@ def _write_merged_index(split_root: str, slugs: list[str]) -> None:
     """One ``index.json`` over every domain's shards, so the whole split streams as one dataset."""
     shards = []
     for slug in slugs:
-        index = json.loads(storage.read_bytes(storage.join(split_root, slug, "index.json")))
+        index = untrusted.read_index(storage.join(split_root, slug))
         for shard in index["shards"]:
             for key in ("raw_data", "zip_data"):
                 if shard.get(key):

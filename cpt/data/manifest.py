@@ -10,7 +10,7 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 
-from cpt.io import storage
+from cpt.io import storage, untrusted
 
 FORMAT_VERSION = 1
 COLUMN = "tokens"
@@ -113,19 +113,26 @@ def read(split_root: str) -> Manifest:
     """Read and validate ``<split_root>/manifest.json``; errors name the path and the key."""
     path = manifest_path(split_root)
     try:
-        raw = json.loads(storage.read_bytes(path))
+        raw = untrusted.record(path, "the manifest")
     except storage.StorageError as exc:
         raise ManifestError(f"missing manifest {path}: was this split written by cpt's convert? ({exc})") from exc
-    except json.JSONDecodeError as exc:
-        raise ManifestError(f"{path}: not valid JSON: {exc}") from exc
+    except untrusted.UntrustedError as exc:
+        raise ManifestError(str(exc)) from exc
     for key in _REQUIRED:
         if key not in raw:
             raise ManifestError(f"{path}: missing key {key!r}")
+    for key, kind in (("seq_len", int), ("eos_id", int), ("vocab_size", int), ("domains", dict)):
+        try:
+            untrusted.field(raw, key, kind, path)
+        except untrusted.UntrustedError as exc:
+            raise ManifestError(str(exc)) from exc
     if raw["format_version"] != FORMAT_VERSION:
         raise ManifestError(f"{path}: format_version {raw['format_version']} is not {FORMAT_VERSION}")
     domains = {}
     for name, stats in raw["domains"].items():
         try:
+            if not isinstance(stats, dict):
+                raise TypeError(f"expected an object, got {type(stats).__name__}")
             domains[name] = DomainStats(**stats)
         except TypeError as exc:
             raise ManifestError(f"{path}: domains.{name}: {exc}") from exc

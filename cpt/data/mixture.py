@@ -6,6 +6,7 @@ import os
 
 from cpt.config import ConfigError, Cpt
 from cpt.data import manifest, verify
+from cpt.io import storage, untrusted
 
 
 def read_manifests(paths: dict[str, str], seq_len: int, where: str) -> dict[str, manifest.Manifest]:
@@ -18,11 +19,23 @@ def read_manifests(paths: dict[str, str], seq_len: int, where: str) -> dict[str,
             raise ConfigError(f"{where}.{name}: {exc}") from exc
         if m.seq_len != seq_len:
             raise ConfigError(f"{where}.{name}: {path} has samples of {m.seq_len} tokens but max_seq_len is {seq_len}")
+        check_indices(path, m, f"{where}.{name}")
         out[name] = m
     shas = {m.tokenizer_sha256 for m in out.values()}
     if len(shas) > 1:
         raise ConfigError(f"{where}: the datasets were tokenized with different tokenizers ({sorted(shas)})")
     return out
+
+
+def check_indices(split: str, m: manifest.Manifest, where: str) -> None:
+    """The split's merged index and each domain's, checked before streaming reads them: streaming downloads a shard
+    to whatever its basename says, so every basename must stay inside the split (``cpt.io.untrusted.index``)."""
+    folders = [split] + [storage.join(split, d.slug) for d in m.domains.values() if d.samples]
+    for folder in folders:
+        try:
+            untrusted.read_index(folder)
+        except (untrusted.UntrustedError, storage.StorageError) as exc:
+            raise ConfigError(f"{where}: {exc}") from exc
 
 
 def train_loader(section: Cpt, seq_len: int, cache: str) -> dict:

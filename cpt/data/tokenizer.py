@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cpt.io import storage
-from cpt.io.cache import cache_dir
+from cpt.io.cache import mirror_file
 
 EOS_TOKEN = "<|endoftext|>"
 UINT16_LIMIT = 1 << 16
@@ -29,10 +29,7 @@ def resolve(spec: str) -> str:
         if not os.path.isfile(url):
             raise FileNotFoundError(f"tokenizer not found: {url} (give a tokenizer.json or a folder holding one)")
         return url
-    local = os.path.join(cache_dir("tokenizers"), hashlib.sha256(url.encode()).hexdigest()[:16], "tokenizer.json")
-    if not os.path.isfile(local):
-        storage.download_file(url, local)
-    return local
+    return mirror_file(url, "tokenizers")  # fetched again whenever its ETag changes, as model folders are
 
 
 def load(spec: str):

@@ -17,9 +17,12 @@ import datetime
 import io
 import os
 import pickle
+import stat
+
+from cpt.io.untrusted import UntrustedError
 
 
-class UnsafeCheckpointError(ValueError):
+class UnsafeCheckpointError(UntrustedError):
     """A checkpoint whose pickle asks for something a Composer checkpoint never holds; the message names it."""
 
 
@@ -35,21 +38,52 @@ def allowlist() -> list:
 
 def load(path: str, mmap: bool = False):
     """``torch.load`` of a local checkpoint file with ``weights_only=True`` and the allowlist."""
+    if not os.path.isfile(path):
+        raise UnsafeCheckpointError(f"{path}: not a checkpoint file")
     return _restricted(path, path, mmap)
 
 
 def _restricted(source, where: str, mmap: bool = False):
-    """``torch.load(source, weights_only=True)`` with the allowlist; a refusal names ``where`` and the global."""
+    """``torch.load(source, weights_only=True)`` with the allowlist; a refusal names ``where`` and the global.
+
+    Every tensor must fit its storage: a stride-0 tensor that claims a billion elements of a one-element storage
+    would be materialised by the first ``.to()``."""
     import torch
 
     try:
         with torch.serialization.safe_globals(allowlist()):
-            return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
+            state = torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         raise UnsafeCheckpointError(
             f"{where}: refusing to load this checkpoint: it asks for code or types that a Composer checkpoint never "
             f"holds ({_detail(exc)})"
         ) from exc
+    except (RuntimeError, ValueError, TypeError, OverflowError, EOFError, OSError, KeyError) as exc:
+        # an allow-listed constructor that raises (a timedelta out of range, a bad dtype), a truncated file
+        raise UnsafeCheckpointError(f"{where}: cannot read this checkpoint: {type(exc).__name__}: {exc}"[:500]) from exc
+    _check_tensors(state, where)
+    return state
+
+
+def _check_tensors(value, where: str, path: str = "") -> None:
+    """``UnsafeCheckpointError`` for a tensor that claims more elements than its storage holds."""
+    import torch
+
+    stack = [(path, value)]
+    while stack:
+        here, item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            need = item.numel() * item.element_size()
+            have = item.untyped_storage().nbytes() - item.storage_offset() * item.element_size()
+            if need > have:
+                raise UnsafeCheckpointError(
+                    f"{where}: tensor {here or '<root>'} claims {need:,} bytes ({tuple(item.shape)}, strides "
+                    f"{item.stride()}) over a storage of {have:,}: refusing it"
+                )
+        elif isinstance(item, dict):
+            stack.extend((f"{here}.{k}" if here else str(k), v) for k, v in item.items())
+        elif isinstance(item, list | tuple):
+            stack.extend((f"{here}[{i}]", v) for i, v in enumerate(item))
 
 
 def check(path: str) -> None:
@@ -61,12 +95,27 @@ def check(path: str) -> None:
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    """``.metadata`` of torch.distributed.checkpoint: its own dataclasses, torch sizes and dtypes, containers."""
+    """``.metadata`` of torch.distributed.checkpoint: its own dataclasses, torch sizes and dtypes, containers.
 
-    MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner")
-    OTHERS = {
+    Exact ``(module, name)`` pairs only. A dotted name (protocol 4's ``STACK_GLOBAL`` with
+    ``torch.distributed.checkpoint.metadata`` + ``os.system``) would reach any module through the allowed one's
+    imports, so it is refused before ``find_class`` of pickle resolves it."""
+
+    ALLOWED = {
+        ("torch.distributed.checkpoint.metadata", name)
+        for name in (
+            "Metadata",
+            "MetadataIndex",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "TensorProperties",
+            "StorageMeta",
+        )
+    } | {
         ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
         ("torch.serialization", "_get_layout"),  # torch.strided and the like, by name
+        ("torch", "Size"),
         ("pathlib", "PosixPath"),  # the checkpoint id it was saved under
         ("pathlib", "PurePosixPath"),
         ("collections", "OrderedDict"),
@@ -77,33 +126,63 @@ class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         import torch
 
-        if module in self.MODULES:
-            return super().find_class(module, name)
-        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
-            return super().find_class(module, name)
-        if (module, name) in self.OTHERS:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a checkpoint's .metadata")
+        ok = (module, name) in self.ALLOWED
+        if module == "torch" and "." not in name and isinstance(getattr(torch, name, None), torch.dtype):
+            ok = True
+        if not ok or "." in name:
+            raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a checkpoint's .metadata")
+        return super().find_class(module, name)
 
 
 def _check_sharded(folder: str) -> None:
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
     meta_path = os.path.join(folder, ".metadata")
+    _regular(meta_path, meta_path)
     try:
         with open(meta_path, "rb") as fh:
             metadata = _MetadataUnpickler(fh).load()
-    except (pickle.UnpicklingError, AttributeError, EOFError, ImportError) as exc:
-        raise UnsafeCheckpointError(f"{meta_path}: refusing to load this checkpoint's metadata: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - whatever the bytes make the unpickler raise, it is a refusal
+        raise UnsafeCheckpointError(f"{meta_path}: refusing to load this checkpoint's metadata: {exc}"[:500]) from exc
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict):
+        raise UnsafeCheckpointError(f"{meta_path}: not torch.distributed.checkpoint metadata")
     byte_items = {fqn for fqn, md in metadata.state_dict_metadata.items() if isinstance(md, BytesStorageMetadata)}
+    sizes: dict[str, int] = {}
     for index, info in (metadata.storage_data or {}).items():
+        # every item is a direct child file of the folder, and its bytes lie within that file
+        name = getattr(info, "relative_path", None)
+        where = f"{meta_path}: item {getattr(index, 'fqn', index)}"
+        if not isinstance(name, str) or "/" in name or name in ("", ".", "..") or "\\" in name or "\0" in name:
+            raise UnsafeCheckpointError(f"{where}: relative_path {name!r} is not a file of this checkpoint folder")
+        shard = os.path.join(folder, name)
+        if name not in sizes:
+            sizes[name] = _regular(shard, where)
+        offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (offset, length)):
+            raise UnsafeCheckpointError(f"{where}: offset and length must be non-negative integers")
+        if offset + length > sizes[name]:
+            raise UnsafeCheckpointError(
+                f"{where}: bytes {offset}..{offset + length} lie outside {name} ({sizes[name]:,} bytes)"
+            )
         if index.fqn not in byte_items:
             continue
-        shard = os.path.join(folder, info.relative_path)
         with open(shard, "rb") as fh:
-            fh.seek(info.offset)
-            data = fh.read(info.length)
+            fh.seek(offset)
+            data = fh.read(length)
         _restricted(io.BytesIO(data), f"{shard} (item {index.fqn})")
+
+
+def _regular(path: str, where: str) -> int:
+    """The size of ``path`` when it is a regular file (not a link, FIFO or device), else a refusal."""
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise UnsafeCheckpointError(f"{where}: {path} is missing ({exc.strerror})") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafeCheckpointError(f"{where}: {path} is not a regular file (a link, FIFO or device)")
+    return st.st_size
 
 
 def _detail(exc: Exception) -> str:

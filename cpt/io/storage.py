@@ -123,17 +123,6 @@ def s3_client():
     return clients[endpoint]
 
 
-def local_path(root: str, key: str, what: str) -> str:
-    """``root/key`` for a key read from a listing or a file, refused (``StorageError`` naming it) when it would
-    land outside ``root``: ``..`` or ``.`` segments, an absolute path, empty segments, a backslash or NUL."""
-    parts = key.split("/")
-    bad = not key or key.startswith("/") or "\\" in key or "\0" in key or any(p in ("", ".", "..") for p in parts)
-    path = os.path.normpath(os.path.join(root, *parts)) if not bad else ""
-    if bad or os.path.commonpath([os.path.abspath(root), os.path.abspath(path)]) != os.path.abspath(root):
-        raise StorageError(f"{what}: refusing the key {key!r}: it would be written outside {root}")
-    return path
-
-
 def join(base: str, *parts: str) -> str:
     if is_s3(base):
         return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
@@ -522,26 +511,77 @@ def upload_folder(local: str, url: str) -> list[str]:
 
 
 class Destination:
-    """Where a command writes a folder: a local path is written in place, an ``s3://`` one in a temporary
-    folder that ``close`` uploads. A local path that looks like a mistyped URL (``s3:/b``, ``S3://b``,
-    ``s3//b``) is refused: it would become a local folder named ``s3:``."""
+    """Where a command writes a folder. Everything is written into a private temporary folder first and published
+    at ``close``: locally by a rename, on ``s3://`` by an upload that ends with ``DONE`` (a failed upload removes
+    what it sent). An OUT that already holds what would be written (``files``; None: anything) is refused unless
+    ``overwrite``, which clears it first; an OUT that is a file is refused. A local path that looks like a
+    mistyped URL (``s3:/b``, ``S3://b``, ``s3//b``) is refused: it would become a local folder named ``s3:``."""
 
-    def __init__(self, url: str, what: str):
+    DONE = ".cpt-complete"
+
+    def __init__(self, url: str, what: str, overwrite: bool = False, files: list[str] | None = None):
         check_not_mistyped_url(url, what)
-        self.url, self._tmp = url, tempfile.mkdtemp(prefix="cpt-out-") if is_s3(url) else None
-        self.local = self._tmp or url
-        os.makedirs(self.local, exist_ok=True)
+        self.url, self.files = url.rstrip("/") or url, files
+        present = self._present(what)
+        clash = sorted(present if files is None else set(files) & set(present))
+        if clash and not overwrite:
+            raise StorageError(
+                f"{what}: {url} already holds {clash[0]}{' and more' if len(clash) > 1 else ''}; choose a new "
+                "folder, or pass --overwrite (which clears it first)"
+            )
+        self._clear = clash
+        parent = None if is_s3(url) else (os.path.dirname(os.path.abspath(url)) or ".")
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        self._tmp = tempfile.mkdtemp(prefix=".cpt-out-", dir=parent)
+        self.local = self._tmp
+
+    def _present(self, what: str) -> list[str]:
+        if is_s3(self.url):
+            return [k for k in list_prefix(self.url) if k != self.DONE]
+        if os.path.lexists(self.url) and not os.path.isdir(self.url):
+            raise StorageError(f"{what}: {self.url} is a file, not a folder")
+        return sorted(os.listdir(self.url)) if os.path.isdir(self.url) else []
 
     def __enter__(self) -> str:
         return self.local
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
-            if self._tmp and exc_type is None:
-                upload_folder(self._tmp, self.url)
+            if exc_type is None:
+                self._publish()
         finally:
-            if self._tmp:
-                shutil.rmtree(self._tmp, ignore_errors=True)
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def _publish(self) -> None:
+        if not is_s3(self.url):
+            if self.files is None:
+                shutil.rmtree(self.url, ignore_errors=True)  # empty, or cleared by --overwrite
+                os.replace(self._tmp, self.url)
+                return
+            os.makedirs(self.url, exist_ok=True)
+            for name in os.listdir(self._tmp):
+                target = os.path.join(self.url, name)
+                if os.path.isdir(target) and not os.path.islink(target):
+                    shutil.rmtree(target)
+                os.replace(os.path.join(self._tmp, name), target)
+            return
+        for key in self._clear:
+            delete(join(self.url, key))
+        delete(join(self.url, self.DONE))
+        sent: list[str] = []
+        try:
+            for key in sorted(str(p.relative_to(self._tmp)) for p in Path(self._tmp).rglob("*") if p.is_file()):
+                upload_file(os.path.join(self._tmp, key), join(self.url, key))
+                sent.append(key)
+            write_bytes(join(self.url, self.DONE), b"")
+        except BaseException:
+            for key in sent:  # no half folder stays behind
+                try:
+                    delete(join(self.url, key))
+                except StorageError as exc:
+                    log.warning("could not remove %s after a failed upload: %s", join(self.url, key), exc)
+            raise
 
 
 def check_not_mistyped_url(path: str, what: str) -> None:

@@ -20,7 +20,6 @@ deletes remote checkpoints.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -28,7 +27,7 @@ import shutil
 import zipfile
 from dataclasses import dataclass
 
-from cpt.io import safe_load, storage
+from cpt.io import safe_load, storage, untrusted
 from cpt.io.cache import locked
 
 log = logging.getLogger(__name__)
@@ -95,14 +94,21 @@ def _describe(path: str) -> dict:
     return {"bytes": os.path.getsize(path), "sha256": sha256_file(path)}
 
 
+MAX_BROKEN = 16  # broken checkpoints looked at, newest first, before the search gives up (planted names)
+
+
 def _marker(save_folder: str, name: str) -> dict | None:
+    """The completion marker, read back as untrusted: every file a name with a non-negative size and a sha256."""
     url = storage.join(save_folder, name, MARKER)
     if not storage.exists(url):
         return None
     try:
-        return json.loads(storage.read_bytes(url))
-    except ValueError:
+        marker = untrusted.record(url, "the completion marker", limit=1 << 20)
+        untrusted.field(marker, "files", dict, url)
+        untrusted.field(marker, "world_size", int, url)
+    except untrusted.UntrustedError:
         return None
+    return marker
 
 
 def _fetch_sharded(save_folder: str, name: str, cache: str) -> tuple[str | None, str]:
@@ -117,6 +123,10 @@ def _fetch_sharded(save_folder: str, name: str, cache: str) -> tuple[str | None,
     ranks = {int(m.group(1)) for n in files if (m := _SHARD_FILE.match(n))}
     if METADATA not in files or ranks != set(range(int(marker.get("world_size", -1)))):
         return None, f"its marker lists no {METADATA} or not one shard per rank"
+    for file_name, want in files.items():
+        ok = isinstance(want, dict) and all(isinstance(want.get(k), t) for k, t in (("bytes", int), ("sha256", str)))
+        if not ok or isinstance(want["bytes"], bool) or want["bytes"] < 0:
+            return None, f"its marker's entry for {file_name} is not {{bytes, sha256}}"
     present = set(storage.list_children(storage.join(save_folder, name))[0])
     missing = sorted(set(files) - present)
     if missing:
@@ -124,8 +134,11 @@ def _fetch_sharded(save_folder: str, name: str, cache: str) -> tuple[str | None,
     local = os.path.join(cache, name) if storage.is_s3(save_folder) else storage.join(save_folder, name)
     for file_name, want in sorted(files.items()):
         path = os.path.join(local, file_name)
+        url = storage.join(save_folder, name, file_name)
+        if storage.size(url) != want["bytes"]:  # before anything is fetched
+            return None, f"{file_name} does not match the size in its marker"
         if storage.is_s3(save_folder) and not (os.path.isfile(path) and _describe(path) == want):
-            storage.download_file(storage.join(save_folder, name, file_name), path)
+            storage.download_file(url, path)
         if _describe(path) != want:
             return None, f"{file_name} does not match the size and sha256 in its marker"
     return local, ""
@@ -141,10 +154,21 @@ def _localise(folder: str, name: str, cache: str) -> tuple[str | None, str]:
     if storage.is_s3(folder):
         local = os.path.join(cache, name)
         if not (os.path.isfile(local) and intact(local)):
+            if storage.size(url) < MIN_BYTES:  # a zip file holds at least its end record: refused unfetched
+                return None, "not an intact checkpoint: too small to be one"
             storage.download_file(url, local)
     if not intact(local):
         return None, "not an intact checkpoint: a zip member fails its CRC, or it is missing"
     return local, ""
+
+
+MIN_BYTES = 22  # a zip file's end-of-central-directory record
+
+
+def _discard(cache: str, name: str, save_folder: str) -> None:
+    """Remove the cache's copy of a broken checkpoint of an ``s3://`` folder (a local folder has no copy)."""
+    if storage.is_s3(save_folder):
+        clear_local(os.path.join(cache, name))
 
 
 def fetch(url: str, cache: str) -> Checkpoint:
@@ -163,21 +187,28 @@ def fetch(url: str, cache: str) -> Checkpoint:
     return Checkpoint(batch, local, bool(_SHARDED.match(name)))
 
 
-def find_resume(save_folder: str, cache: str, verb: str = "resuming from") -> Checkpoint | None:
+def find_resume(save_folder: str, cache: str, verb: str = "resuming from", own: bool = True) -> Checkpoint | None:
     """The newest intact checkpoint in ``save_folder`` with ``name`` set to a local path, or None when it holds none.
 
-    A local corrupt monolithic file is renamed ``*.corrupt`` (Composer refuses to save over a newer file)."""
+    In the run's own local folder (``own``) a corrupt monolithic file is renamed ``*.corrupt`` (Composer refuses
+    to save over a newer file); another run's folder (``cpt.init``) is only ever read. After ``MAX_BROKEN``
+    broken checkpoints the search stops with ``ValueError``: planted names cost a bounded number of downloads."""
     with locked(cache):  # ranks on one node download once
+        broken = 0
         for ck in listing(save_folder):
             url = storage.join(save_folder, ck.name)
+            if broken >= MAX_BROKEN:
+                raise ValueError(
+                    f"{save_folder}: the {MAX_BROKEN} newest checkpoints are all broken; refusing to look further "
+                    f"(the next is {ck.name}). Move the broken ones away, or resume from one named checkpoint"
+                )
             local, why = _localise(save_folder, ck.name, cache)
             if local is None:
-                if ck.sharded:
-                    log.warning("skipping incomplete or corrupt sharded checkpoint %s: %s", url, why)
-                else:
-                    log.warning("skipping corrupt checkpoint %s: a zip member fails its CRC", url)
-                    if not storage.is_s3(save_folder):
-                        os.replace(url, url + ".corrupt")
+                broken += 1
+                _discard(cache, ck.name, save_folder)
+                log.warning("skipping %s checkpoint %s: %s", "broken sharded" if ck.sharded else "corrupt", url, why)
+                if own and not ck.sharded and not storage.is_s3(save_folder) and os.path.isfile(url):
+                    os.replace(url, url + ".corrupt")
                 continue
             safe_load.check(local)  # Composer unpickles without restriction: only a file that passes reaches it
             log.info("%s %s (batch %d)", verb, url, ck.batch)

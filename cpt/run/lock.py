@@ -13,7 +13,7 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
-from cpt.io import storage
+from cpt.io import storage, untrusted
 from cpt.run import threads
 from cpt.run.cleanup import pid_alive
 
@@ -35,7 +35,7 @@ def _alive_here(owner: dict) -> bool:
         return True  # cannot tell from here: trust the heartbeat
     try:
         return pid_alive(int(owner["pid"]))
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, TypeError, OverflowError):
         return False
 
 
@@ -61,12 +61,10 @@ def acquire(save_folder: str) -> None:
         if found is None:
             continue
         data, old = found
-        try:
-            held = json.loads(data)
-        except ValueError:
-            held = {}
-        age = time.time() - float(held.get("heartbeat", 0) or 0)
-        if age < STALE_AFTER_S and _alive_here(held) and held.get("pid") != os.getpid():
+        held = _read(data)
+        age = time.time() - held["heartbeat"]
+        mine = held.get("host") == socket.gethostname() and held.get("pid") == os.getpid()  # a relaunch in-process
+        if age < STALE_AFTER_S and _alive_here(held) and not mine:
             raise RunLockError(
                 f"{save_folder} is in use by a live run (host {held.get('host')}, pid "
                 f"{held.get('pid')}, heartbeat {age:.0f}s ago); refusing a second launch. If that "
@@ -79,6 +77,19 @@ def acquire(save_folder: str) -> None:
         _held[save_folder] = version
         return
     raise RunLockError(f"{save_folder}: the lock {path} kept changing while being taken; relaunch")
+
+
+def _read(data: bytes) -> dict:
+    """A lock's record, read back as untrusted: anything malformed is a lock with no heartbeat (stale)."""
+    try:
+        held = untrusted.parse(data[:4096], LOCK, dict)
+        beat = held.get("heartbeat")
+        held["heartbeat"] = float(beat) if isinstance(beat, int | float) and not isinstance(beat, bool) else 0.0
+    except (untrusted.UntrustedError, OverflowError):
+        held = {"heartbeat": 0.0}
+    if held["heartbeat"] != held["heartbeat"]:  # NaN
+        held["heartbeat"] = 0.0
+    return held
 
 
 def _payload() -> bytes:

@@ -22,6 +22,7 @@ from cpt.eval import domains, tasks
 from cpt.io import redact, safe_load, storage
 from cpt.io.cache import cache_dir
 from cpt.run import checkpoints, faults, mfu, stage
+from cpt.run import fingerprint as fingerprints
 from cpt.run.checkpoints import Checkpoint
 from cpt.run.fingerprint import fingerprint
 
@@ -64,11 +65,13 @@ class Plan:
             {k: d.path for k, d in section.eval.datasets.items()}, checked.seq_len, "cpt.eval.datasets"
         )
         vocab = model_config.get("vocab_size", 0)
-        for name, m in {**train, **evals}.items():
-            if m.vocab_size > vocab:
-                raise ConfigError(
-                    f"{path}: dataset {name} has token ids up to {m.vocab_size} but the model's vocab_size is {vocab}"
-                )
+        for where, found in (("cpt.train", train), ("cpt.eval.datasets", evals)):  # one name may be in both
+            for name, m in found.items():
+                if m.vocab_size > vocab:
+                    raise ConfigError(
+                        f"{path}: {where}.{name} has token ids up to {m.vocab_size} but the model's vocab_size is "
+                        f"{vocab}"
+                    )
         domains.blend_weights(section, evals)  # a blend naming an unknown domain fails now
         cache = cache_dir("runs", checked.run_name)
         task_files = tasks.prepare(section.eval.tasks)  # a missing or malformed task file fails now
@@ -76,6 +79,10 @@ class Plan:
         staged = bool(save) and (storage.is_s3(save) or checked.sharded)
         resume = _resume_point(save, cache, path)
         init = _init_point(checked, cache, path) if resume is None and section.init else None
+        data = fingerprint(section, train)
+        if resume is not None and not resume.sharded:  # before the lock and the record, not inside Composer's load
+            state = safe_load.load(resume.name, mmap=True).get("state", {})
+            fingerprints.check(fingerprints.stored(state), data, section.allow_fingerprint_change, resume.name)
         return cls(
             checked=checked,
             model_dir=model_dir,
@@ -83,7 +90,7 @@ class Plan:
             train_manifests=train,
             eval_manifests=evals,
             task_files=task_files,
-            fingerprint=fingerprint(section, train),
+            fingerprint=data,
             run_dir=os.path.join(section.run_dir, checked.run_name),
             cache=cache,
             staging=os.path.join(cache, "staging") if staged else None,
@@ -224,7 +231,7 @@ def _resume_point(save_folder: str | None, cache: str, path: str) -> Checkpoint 
         return None
     try:
         return checkpoints.find_resume(save_folder, os.path.join(cache, "checkpoints"))
-    except (safe_load.UnsafeCheckpointError, storage.StorageError) as exc:
+    except (ValueError, storage.StorageError) as exc:  # an unsafe checkpoint, or too many broken ones
         raise ConfigError(f"{path}: save_folder: {exc}") from exc
 
 
@@ -236,7 +243,7 @@ def _init_point(checked: Checked, cache: str, path: str) -> Checkpoint:
         if checkpoints.batch_of(os.path.basename(init.from_.rstrip("/"))) is not None:
             ck = checkpoints.fetch(init.from_, where)
         else:
-            ck = checkpoints.find_resume(init.from_, where, verb="starting this stage from")
+            ck = checkpoints.find_resume(init.from_, where, verb="starting this stage from", own=False)
     except (ValueError, storage.StorageError) as exc:
         raise ConfigError(f"{path}: cpt.init.from: {exc}") from exc
     if ck is None:

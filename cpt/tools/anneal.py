@@ -10,17 +10,20 @@ branch's end. It resumes after preemption like any run; the trunk's folder is on
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 import shlex
 from dataclasses import dataclass
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from cpt import config
-from cpt.io import storage
+from cpt.io import storage, untrusted
 from cpt.optim.schedules import ANNEAL_SHAPES
 from cpt.run import checkpoints, stage
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -47,17 +50,46 @@ def sibling(save_folder: str, trunk: str, branch: str) -> str:
     return f"{save_folder.rstrip('/')}-{branch}"
 
 
+def recorded_launch(trunk_folder: str) -> DictConfig:
+    """The trunk's recorded launch (``cpt-run.json``), as input someone else may have written: it may not use
+    resolvers, grant remote code, ``code_paths`` or a fingerprint change, or name a local folder outside this
+    one (``cpt.run_dir``). ``UntrustedError`` naming what is wrong."""
+    where = storage.join(trunk_folder, stage.RUN_SPEC)
+    spec = stage.read_run_spec(trunk_folder)
+    if spec is None:
+        raise ValueError(f"{trunk_folder} is not the save folder of a cpt run ({stage.RUN_SPEC} is missing)")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.create(spec["yaml"]), OmegaConf.from_dotlist(spec["overrides"]))
+    except Exception as exc:  # noqa: BLE001 - omegaconf's parse errors, whatever their class
+        raise untrusted.UntrustedError(f"{where}: the recorded YAML does not parse: {exc}"[:400]) from None
+    if not isinstance(cfg, DictConfig):
+        raise untrusted.UntrustedError(f"{where}: the recorded YAML is not a mapping")
+    untrusted.granted(cfg, where)
+    run_dir = OmegaConf.select(cfg, "cpt.run_dir", default=None)
+    if run_dir is not None:
+        untrusted.key(str(run_dir), f"{where}: cpt.run_dir")  # relative, inside the working directory
+    return cfg
+
+
 def plan_branch(
     trunk_folder: str, at: str, length: str, shape: str = "linear", alpha_f: float = 0.0, out: str = "branches"
 ) -> Branch:
-    """Write the branch's YAML into ``out``; ``ValueError`` or ``ConfigError`` naming what is wrong."""
+    """Write the branch's YAML into ``out``; ``ValueError`` or ``ConfigError`` naming what is wrong.
+
+    Where the branch writes derives from ``trunk_folder`` as given (normalised), never from the record."""
     if shape not in ANNEAL_SHAPES:
         raise ValueError(f"--shape {shape!r}: one of {', '.join(ANNEAL_SHAPES)}")
-    spec = stage.read_run_spec(trunk_folder)
-    cfg = OmegaConf.merge(OmegaConf.create(spec["yaml"]), OmegaConf.from_dotlist(spec["overrides"]))
+    trunk_folder = untrusted.folder(trunk_folder)
+    cfg = recorded_launch(trunk_folder)
     resolved = copy.deepcopy(cfg)
-    OmegaConf.resolve(resolved)
+    try:
+        OmegaConf.resolve(resolved)
+    except Exception as exc:  # noqa: BLE001
+        raise untrusted.UntrustedError(f"{trunk_folder}/{stage.RUN_SPEC}: {exc}"[:400]) from None
     trunk = config.check(resolved, f"{trunk_folder}/{stage.RUN_SPEC}")
+    recorded = trunk.save_folder and untrusted.folder(trunk.save_folder)
+    if recorded and recorded != trunk_folder:
+        log.warning("%s records the save folder %s: the branch derives from %s", stage.RUN_SPEC, recorded, trunk_folder)
     found = checkpoints.listing(trunk_folder)
     want = os.path.basename(str(at).rstrip("/"))
     ck = next((c for c in found if (want.isdigit() and c.batch == int(want)) or c.name == want), None)
@@ -73,8 +105,8 @@ def plan_branch(
     if not 0 <= alpha_f <= m_start:
         raise ValueError(f"--to {alpha_f}: an anneal decays, from the trunk's multiplier there ({m_start:.4g}) down")
     name = f"{trunk.run_name}-anneal{ck.batch}-{shape}-{batches}ba"
-    save = sibling(trunk.save_folder or trunk_folder, trunk.run_name, name)
-    if save.rstrip("/") == trunk_folder.rstrip("/") or save.startswith(trunk_folder.rstrip("/") + "/"):
+    save = untrusted.folder(sibling(trunk_folder, trunk.run_name, name))
+    if untrusted.inside(save, trunk_folder):
         raise ValueError(f"the branch's save folder {save} would be the trunk's, or inside it")
     if OmegaConf.select(cfg, "variables.run_name") is not None:
         cfg.variables.run_name = name

@@ -12,7 +12,7 @@ import logging
 import shutil
 import tempfile
 
-from cpt.io import storage
+from cpt.io import storage, untrusted
 from cpt.run import checkpoints
 from cpt.tools.export import load_state, write_hf
 
@@ -42,37 +42,56 @@ def average(
     end: int | None = None,
     ema: float | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> list[int]:
-    """Average the chosen checkpoints' model weights into ``out``; returns the batches averaged."""
+    """Average the chosen checkpoints' model weights into ``out``; returns the batches averaged.
+
+    Checkpoints are chosen by the checkpoint module's one rule (``checkpoints.fetch``): a broken one (truncated,
+    incomplete, unsafe) is skipped with a warning, as resume skips it. Weights of another shape are refused."""
     import torch
     from tqdm import tqdm
 
-    storage.check_not_mistyped_url(out, "cpt average OUT")
     if ema is not None and not 0.0 <= ema < 1.0:
         raise ValueError(f"--ema {ema}: the decay must be in [0, 1)")
+    if untrusted.inside(out, save_folder) or untrusted.inside(save_folder, out):
+        raise ValueError(f"cpt average OUT {out}: the save folder {save_folder} would hold it, or be in it")
     chosen = select(save_folder, last, start, end)
     total: dict[str, torch.Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}
-    state = None
-    for i, ck in enumerate(tqdm(chosen, desc="average", unit="checkpoint", disable=not progress)):
-        tmp = tempfile.mkdtemp(prefix="cpt-average-")
-        try:
-            state = load_state(storage.join(save_folder, ck.name), tmp, mmap=True)
-            for key, value in state["model"].items():
-                w = value.detach().to(torch.float32)
-                dtypes[key] = value.dtype
-                if i == 0:
-                    total[key] = w.clone()
-                elif ema is None:
-                    total[key] += w
-                else:
-                    total[key].mul_(ema).add_(w, alpha=1.0 - ema)
-            state = {"integrations": state["integrations"]}  # the rest is not needed: let the mapping go
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    scale = 1.0 / len(chosen) if ema is None else 1.0
-    weights = {k: (v * scale).to(dtypes[k]) for k, v in total.items()}
-    how = f"EMA {ema}" if ema is not None else "uniform"
-    log.info("averaged %d checkpoints (%s): batches %s", len(chosen), how, [c.batch for c in chosen])
-    write_hf(state, weights, out, save_folder)
-    return [c.batch for c in chosen]
+    state, used = None, []
+    with storage.Destination(out, "cpt average OUT", overwrite) as local:
+        for ck in tqdm(chosen, desc="average", unit="checkpoint", disable=not progress):
+            tmp = tempfile.mkdtemp(prefix="cpt-average-")
+            url = storage.join(save_folder, ck.name)
+            try:
+                try:
+                    loaded = load_state(url, tmp, mmap=True)
+                except (ValueError, OSError, storage.StorageError) as exc:
+                    log.warning("skipping %s: %s", url, exc)
+                    continue
+                weights = loaded.get("model")
+                if not isinstance(weights, dict) or (total and set(weights) != set(total)):
+                    raise ValueError(f"{url}: its weights are not those of the checkpoints before it")
+                for key, value in weights.items():
+                    if not isinstance(value, torch.Tensor) or (key in total and value.shape != total[key].shape):
+                        raise ValueError(f"{url}: {key} has another shape than in the checkpoints before it")
+                    w = value.detach().to(torch.float32)
+                    dtypes[key] = value.dtype
+                    if not used:
+                        total[key] = w.clone()
+                    elif ema is None:
+                        total[key] += w
+                    else:
+                        total[key].mul_(ema).add_(w, alpha=1.0 - ema)
+                used.append(ck.batch)
+                state = {"integrations": loaded.get("integrations", {})}  # the rest is not needed: let it go
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        if not used:
+            raise ValueError(f"{save_folder}: none of the chosen checkpoints {[c.batch for c in chosen]} is intact")
+        scale = 1.0 / len(used) if ema is None else 1.0
+        weights = {k: (v * scale).to(dtypes[k]) for k, v in total.items()}
+        how = f"EMA {ema}" if ema is not None else "uniform"
+        log.info("averaged %d checkpoints (%s): batches %s", len(used), how, used)
+        write_hf(state, weights, local, save_folder)
+    return used

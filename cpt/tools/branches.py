@@ -88,7 +88,7 @@ def branches_demo(work: str = "quickstart-branches", steps: int = STEPS, every: 
     train_yamls([b.path for b in branches], work, "branches")
     print("4/5 averaging the trunk's last three checkpoints", flush=True)
     averaged = os.path.join(work, "averaged")
-    batches = average(trunk_folder, averaged, last=3, progress=False)
+    batches = average(trunk_folder, averaged, last=3, progress=False, overwrite=True)
     print("5/5 evaluating every final model, writing the report", flush=True)
     splits = {d: os.path.join(work, "data", d, "val") for d in ("upstream", "downstream")}
     finals = {
@@ -100,7 +100,9 @@ def branches_demo(work: str = "quickstart-branches", steps: int = STEPS, every: 
     losses = {}
     for label, folder in finals.items():
         newest = checkpoints(folder)[0][1]
-        losses[label] = evaluate(export(storage.join(folder, newest), os.path.join(work, "hf", newest)), splits)
+        losses[label] = evaluate(
+            export(storage.join(folder, newest), os.path.join(work, "hf", newest), overwrite=True), splits
+        )
     losses[f"average of batches {batches}"] = evaluate(averaged, splits)
     run_dir = os.path.join(work, "runs")
     report.report(

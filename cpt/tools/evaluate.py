@@ -104,7 +104,7 @@ def models(spec: str, tmp: str) -> Iterator[tuple[str, int | None, str]]:
                                 "holding checkpoints")  # fmt: skip
     for b, ckpt in sorted(found):
         out = os.path.join(tmp, f"ba{b}")
-        export(ckpt, out)
+        export(ckpt, out, overwrite=True)
         yield os.path.basename(ckpt.rstrip("/")), b, out
         shutil.rmtree(out, ignore_errors=True)
 
@@ -122,6 +122,7 @@ def evaluate(
     device: str | None = None,
     batch_size: int = 8,
     budget: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """Score every model MODEL names on every task; writes ``eval.json``, ``eval.md`` and, for several checkpoints,
     ``eval.png`` into ``out`` (local or ``s3://``). ``budget``: each task's first ``examples`` only, as in the loop."""
@@ -132,7 +133,10 @@ def evaluate(
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     results: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory() as tmp, storage.Destination(out, "cpt eval --out") as local_out:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        storage.Destination(out, "cpt eval --out", overwrite, files=["eval.json", "eval.md", "eval.png"]) as local_out,
+    ):
         files = task_files.prepare(tasks)  # checked; s3:// files fetched into the cache
         defs = os.path.join(tmp, "lm-eval-tasks")
         os.makedirs(defs)

@@ -11,34 +11,37 @@ import os
 import tempfile
 
 from cpt.io import safe_load, storage
+from cpt.run import checkpoints
 
 
-def export(checkpoint: str, out: str) -> str:
+def export(checkpoint: str, out: str, overwrite: bool = False) -> str:
     """Write ``out`` (local or ``s3://``) as a ``GPTNeoXForCausalLM`` folder with Pythia's tokenizer; returns it."""
-    storage.check_not_mistyped_url(out, "cpt export OUT")  # before the work, not after
-    with tempfile.TemporaryDirectory() as tmp:
-        state = load_state(checkpoint, tmp)
-        return write_hf(state, state["model"], out, checkpoint)
+    with storage.Destination(out, "cpt export OUT", overwrite) as local, tempfile.TemporaryDirectory() as tmp:
+        state = load_state(checkpoint, tmp)  # OUT is checked before the work, written after it
+        write_hf(state, state["model"], local, checkpoint)
+    return out
 
 
 def load_state(checkpoint: str, tmp: str, mmap: bool = False) -> dict:
-    """A checkpoint's ``state`` (local or ``s3://``, monolithic or sharded), loaded safely; ``tmp`` holds downloads."""
-    local = _fetch(checkpoint, tmp)
-    if os.path.isdir(local):
+    """A checkpoint's ``state`` (local or ``s3://``, monolithic or sharded), chosen by the checkpoint module's one
+    rule (its name, its integrity, a safe pickle) and loaded safely; ``tmp`` holds downloads."""
+    ck = checkpoints.fetch(checkpoint, tmp)
+    local = ck.name
+    if ck.sharded:
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-        if not os.path.isfile(os.path.join(local, ".metadata")):
-            raise FileNotFoundError(f"{checkpoint}: a folder, but not a sharded checkpoint (no .metadata)")
-        safe_load.check(local)  # dcp_to_torch_save unpickles without restriction: only what passes
         gathered = os.path.join(tmp, f"gathered-{abs(hash(checkpoint))}.pt")
-        dcp_to_torch_save(local, gathered)
+        dcp_to_torch_save(local, gathered)  # unpickles without restriction: fetch checked every pickle in it
         local = gathered
-    return safe_load.load(local, mmap=mmap)["state"]
+    loaded = safe_load.load(local, mmap=mmap)
+    if not isinstance(loaded, dict) or not isinstance(loaded.get("state"), dict):
+        raise ValueError(f"{checkpoint}: not a Composer checkpoint (no state)")
+    return loaded["state"]
 
 
 def write_hf(state: dict, weights: dict, out: str, where: str) -> str:
-    """``weights`` (a Composer model state dict) as a GPT-NeoX folder at ``out``, with the HF config that
-    ``state`` (a checkpoint's) stored and Pythia's tokenizer."""
+    """``weights`` (a Composer model state dict) as a GPT-NeoX folder in the local folder ``out``, with the HF
+    config that ``state`` (a checkpoint's) stored and Pythia's tokenizer."""
     import torch
     from composer.models.huggingface import get_hf_config_from_composer_state_dict
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
@@ -58,27 +61,6 @@ def write_hf(state: dict, weights: dict, out: str, where: str) -> str:
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or [k for k in unexpected if not k.endswith("rotary_emb.inv_freq")]:
         raise ValueError(f"{where}: weights do not match GPT-NeoX (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    with storage.Destination(out, "OUT") as local:
-        model.save_pretrained(local)
-        save_tokenizer(local)
+    model.save_pretrained(out)
+    save_tokenizer(out)
     return out
-
-
-def _fetch(checkpoint: str, tmp: str) -> str:
-    """A local path to the checkpoint file or sharded folder, downloading from ``s3://`` into ``tmp``."""
-    if not storage.is_s3(checkpoint):
-        if not os.path.exists(checkpoint):
-            raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-        return checkpoint
-    if checkpoint.endswith(".pt"):
-        local = os.path.join(tmp, "checkpoint.pt")
-        storage.download_file(checkpoint, local)
-        return local
-    keys = storage.list_prefix(checkpoint)
-    if not keys:
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint} holds no objects")
-    folder = os.path.join(tmp, "sharded")
-    targets = {key: storage.local_path(folder, key, checkpoint) for key in keys}  # all checked, then fetched
-    for key in keys:
-        storage.download_file(storage.join(checkpoint, key), targets[key])
-    return folder

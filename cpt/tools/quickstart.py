@@ -169,7 +169,7 @@ def make_task(work: str) -> str:
 def write_report(work: str, runs: list[Run], steps: tuple[int, int]) -> tuple[str, dict]:
     """``cpt report`` with the constant-LR run as the baseline (its figures, table and the papers' directions), and
     the set-up; returns the summary's path and the numbers."""
-    path = report.report(runs, work, "upstream", "downstream", baseline="constant")
+    path = report.report(runs, work, "upstream", "downstream", baseline="constant", overwrite=True)
     numbers = report.summarize(runs, "upstream", "downstream")
     for run in runs:
         acc = run.series(run.tasks()["next-word"])
@@ -215,7 +215,7 @@ def quickstart(
     pre["cpt"]["eval"].update(early=None, at_peak=False)  # pre-training: evaluate first and last only
     train_yamls([write_config(pre, work)], work, "pretrain")
     newest = checkpoints(pre["save_folder"])[0][1]  # ep<N>-ba<steps>: N counts passes over the data
-    base = export(storage.join(pre["save_folder"], newest), os.path.join(work, "pretrained"))
+    base = export(storage.join(pre["save_folder"], newest), os.path.join(work, "pretrained"), overwrite=True)
     print("3/4 continuing on downstream under three schedules", flush=True)
     cfgs = {}
     for name, (sched, lr) in SCHEDULES.items():

@@ -156,6 +156,9 @@ def lr_key(run: Run) -> str | None:
     return keys[0] if keys else None
 
 
+FILES = ["summary.md", "loss.png", "lr.png", "forgetting.png", "tasks.png", "families.png"]  # what a report writes
+
+
 def report(
     runs: list[Run],
     out: str,
@@ -163,6 +166,7 @@ def report(
     downstream: str | None = None,
     baseline: str | None = None,
     early: float = EARLY,
+    overwrite: bool = False,
 ) -> str:
     """Write ``loss.png``, ``lr.png``, ``forgetting.png``, ``tasks.png`` (when tasks were evaluated) and
     ``summary.md`` into ``out`` (local or ``s3://``); with ``baseline`` (the run without re-warming), the papers'
@@ -171,7 +175,7 @@ def report(
         raise ValueError(f"--baseline {baseline!r} is not one of the runs ({', '.join(r.label for r in runs)})")
     if not 0 < early <= 1:
         raise ValueError(f"--early {early} must be a fraction of each run in (0, 1]")
-    with storage.Destination(out, "cpt report --out") as local:
+    with storage.Destination(out, "cpt report --out", overwrite, files=FILES) as local:
         _write(runs, local, upstream, downstream, baseline, early)
     return storage.join(out, "summary.md")
 
