@@ -110,6 +110,7 @@ def branches_demo(work: str = "quickstart-branches", steps: int = STEPS, every: 
         work,
         "upstream",
         "downstream",
+        overwrite=True,
     )
     summary = {"loss": losses, "steps": steps, "branch_length": length, "averaged_batches": batches}
     _write(work, summary, branches)
