@@ -212,7 +212,9 @@ def load(path: str, overrides: list[str] | None = None) -> DictConfig:
         if bad:
             raise ConfigError(f"override {bad[0]!r} is not key=value")
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides or [])))
+        unresolved = OmegaConf.to_container(cfg, resolve=False)
         OmegaConf.resolve(cfg)
+        remember_interpolations(path, unresolved, OmegaConf.to_container(cfg))
     except ConfigError:
         raise
     except Exception as exc:  # omegaconf's errors name the key; add the file
@@ -259,8 +261,44 @@ def require(cfg: DictConfig, key: str, path: str = "config") -> Any:
     return cfg[key]
 
 
+_SHOWN: dict[str, dict[str, str]] = {}  # config path -> {a resolved interpolation's value: the interpolation}
+
+
+def remember_interpolations(path: str, unresolved: Any, resolved: Any) -> None:
+    """Note every value that came from an interpolation, so that an error names ``${...}``, never what it resolved
+    to (a secret from the environment, say)."""
+    shown: dict[str, str] = {}
+
+    def walk(raw: Any, value: Any) -> None:
+        if isinstance(raw, dict) and isinstance(value, dict):
+            for k in raw:
+                walk(raw[k], value.get(k))
+        elif isinstance(raw, list) and isinstance(value, list):
+            for r, v in zip(raw, value):
+                walk(r, v)
+        elif isinstance(raw, str) and "${" in raw and value is not None and len(str(value)) >= 3:
+            shown[str(value)] = raw
+
+    walk(unresolved, resolved)
+    _SHOWN[path] = shown
+
+
+def _scrub(message: str, path: str) -> str:
+    for value, raw in sorted(_SHOWN.get(path, {}).items(), key=lambda kv: -len(kv[0])):
+        message = message.replace(repr(value), raw).replace(value, raw)
+    return message
+
+
 def check(cfg: DictConfig, path: str = "config") -> Checked:
-    """Everything that can be checked without touching data, models or buckets: keys, types, schedule, batches."""
+    """Everything that can be checked without touching data, models or buckets: keys, types, schedule, batches.
+    An error names the key and, for a value that came from an interpolation, the interpolation, never its value."""
+    try:
+        return _check(cfg, path)
+    except ConfigError as exc:
+        raise ConfigError(_scrub(str(exc), path)) from None
+
+
+def _check(cfg: DictConfig, path: str) -> Checked:
     check_top_level(cfg, path)
     section = cpt_section(cfg, path)
     for key in ("max_seq_len", "global_train_batch_size", "max_duration", "optimizer", "scheduler"):

@@ -123,8 +123,11 @@ def test_keys_that_would_leave_their_folder_are_refused(key, tmp_path, s3_bucket
 
     with pytest.raises(untrusted.UntrustedError, match="refusing the key"):
         resolve_folder(url)
-    with pytest.raises(untrusted.UntrustedError, match="refusing the key"):
-        export(url, str(tmp_path / "out"))
+    ck = f"{s3_bucket}/runs/r/ep0-ba4"  # export chooses by the checkpoint rule: a planted key is never fetched
+    storage.write_bytes(f"{ck}/.metadata", b"x")
+    storage.write_bytes(f"{ck}/{key}", b"planted")
+    with pytest.raises(ValueError, match="ep0-ba4: it has no completion marker"):
+        export(ck, str(tmp_path / "out"))
     assert not list(tmp_path.rglob("escaped.txt"))
 
 

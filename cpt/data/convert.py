@@ -69,6 +69,7 @@ class ConvertResult:
 
 MAX_DOC_BYTES = 16 << 20  # a longer JSON line is skipped ("too_large") or stops the run: memory stays bounded
 MAX_SLUG = 100  # characters in a domain's folder name
+MAX_DOMAINS = 512  # domains in one split: each holds an open file while a file converts (ulimit -n is often 1024)
 
 
 @dataclass
@@ -316,6 +317,13 @@ def _parse(
         return None, None, "bad_domain", f"domain {domain[:80]!r}...: its folder name is over {MAX_SLUG} characters"
     if slugs.get(slug, domain) != domain:
         return None, None, "domain_collision", f"domain {domain!r} has the folder name {slug!r} of {slugs[slug]!r}"
+    if slug not in slugs and len(slugs) >= MAX_DOMAINS:  # each domain holds an open file while a file converts
+        return (
+            None,
+            None,
+            "too_many_domains",
+            f"domain {domain[:80]!r} would be domain {MAX_DOMAINS + 1}: at most {MAX_DOMAINS}",
+        )
     if "text" not in obj:
         return domain, None, "missing_text", "missing key 'text'"
     text = obj["text"]

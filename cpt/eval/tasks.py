@@ -21,7 +21,7 @@ import json
 import os
 
 from cpt.config import ConfigError, Cpt, Task
-from cpt.io import storage
+from cpt.io import storage, untrusted
 from cpt.io.cache import mirror_file
 
 FIELDS = {  # kind -> {field: its type}
@@ -51,42 +51,46 @@ def check_file(path: str, kind: str, fewshot: int = 0, shown: str | None = None)
     the file (``shown``) and the line."""
     shown = shown or path
     fields, n = FIELDS[kind], 0
-    with open(path, encoding="utf-8", errors="strict") as fh:
-        try:
-            lines = list(fh)
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"{shown}: not UTF-8 ({exc})") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{shown}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a JSON object with {', '.join(fields)}")
-        for key, tp in fields.items():
-            if key not in row:
-                raise ValueError(f"{where}: missing {key!r} (a {kind} task has {', '.join(fields)})")
-            value = row[key]
-            if not isinstance(value, tp) or isinstance(value, bool):
-                raise ValueError(f"{where}: {key!r} must be a {tp.__name__}, got {value!r}"[:300])
-        options = row.get("choices", row.get("context_options"))
-        if options is not None:
-            if len(options) < 2 or not all(isinstance(o, str) and o.strip() for o in options):
-                raise ValueError(f"{where}: needs at least two non-empty strings as options")
-            if not 0 <= row["gold"] < len(options):
-                raise ValueError(f"{where}: gold={row['gold']} is not an index of its {len(options)} options")
-        texts = [row[k] for k, tp in fields.items() if tp is str]
-        if not all(t.strip() for t in texts):
-            raise ValueError(f"{where}: an empty {' or '.join(k for k, tp in fields.items() if tp is str)}")
-        n += 1
+    with open(path, "rb") as fh:
+        for number, raw in untrusted.lines(fh, shown, untrusted.LINE_BYTES):  # a huge line is refused, unread
+            n += _check_row(raw, f"{shown}:{number}", kind, fields)
     if n == 0:
         raise ValueError(f"{shown}: holds no example")
     if fewshot >= n:
         raise ValueError(f"{shown}: fewshot={fewshot} needs more than {fewshot} examples; it holds {n}")
     return n
+
+
+def _check_row(raw: bytes, where: str, kind: str, fields: dict) -> int:
+    """1 for a valid example line, 0 for a blank one; ``ValueError`` naming ``where`` otherwise."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{where}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    if not line.strip():
+        return 0
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"{where}: not valid JSON ({getattr(exc, 'msg', type(exc).__name__)})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object with {', '.join(fields)}")
+    for key, tp in fields.items():
+        if key not in row:
+            raise ValueError(f"{where}: missing {key!r} (a {kind} task has {', '.join(fields)})")
+        value = row[key]
+        if not isinstance(value, tp) or isinstance(value, bool):
+            raise ValueError(f"{where}: {key!r} must be a {tp.__name__}, got {value!r}"[:300])
+    options = row.get("choices", row.get("context_options"))
+    if options is not None:
+        if len(options) < 2 or not all(isinstance(o, str) and o.strip() for o in options):
+            raise ValueError(f"{where}: needs at least two non-empty strings as options")
+        if not 0 <= row["gold"] < len(options):
+            raise ValueError(f"{where}: gold={row['gold']} is not an index of its {len(options)} options")
+    texts = [row[k] for k, tp in fields.items() if tp is str]
+    if not all(t.strip() for t in texts):
+        raise ValueError(f"{where}: an empty {' or '.join(k for k, tp in fields.items() if tp is str)}")
+    return 1
 
 
 def prepare(tasks: dict[str, Task]) -> dict[str, str]:

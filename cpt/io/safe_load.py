@@ -111,6 +111,7 @@ class _MetadataUnpickler(pickle.Unpickler):
             "ChunkStorageMetadata",
             "TensorProperties",
             "StorageMeta",
+            "_MEM_FORMAT_ENCODING",  # an Enum of memory formats
         )
     } | {
         ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),

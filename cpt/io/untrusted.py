@@ -149,9 +149,12 @@ def lines(stream: Iterable[bytes] | Any, where: str, limit: int = LINE_BYTES) ->
         yield number, line
 
 
-def jsonl(url: str, what: str, limit: int = METRICS_BYTES, line_limit: int = LINE_BYTES) -> Iterator[tuple[int, dict]]:
+def jsonl(
+    url: str, what: str, limit: int = METRICS_BYTES, line_limit: int = LINE_BYTES, tolerate_last: bool = False
+) -> Iterator[tuple[int, dict]]:
     """``(line number, row)`` of a JSON-lines file: the file's size checked first, every line bounded, every row
-    an object; a bad row is ``UntrustedError`` naming ``file:line``."""
+    an object; a bad row is ``UntrustedError`` naming ``file:line``. ``tolerate_last``: a last line without its
+    newline that does not parse (a writer killed mid-line) is dropped."""
     n = storage.size(url)
     if n > limit:
         raise UntrustedError(f"{url}: {what} is {n:,} bytes, over the limit of {limit:,}")
@@ -160,7 +163,13 @@ def jsonl(url: str, what: str, limit: int = METRICS_BYTES, line_limit: int = LIN
         for number, line in lines(stream, url, line_limit):
             if not line.strip():
                 continue
-            yield number, parse(line, f"{url}:{number}", dict)
+            try:
+                row = parse(line, f"{url}:{number}", dict)
+            except UntrustedError:
+                if tolerate_last and not line.endswith(b"\n") and not stream.peek(1):
+                    return
+                raise
+            yield number, row
 
 
 # ---- streaming indices ---------------------------------------------------------------------------------------

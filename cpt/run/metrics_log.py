@@ -19,7 +19,7 @@ from composer.core import Callback, Event, State
 from composer.loggers import Logger, LoggerDestination
 from composer.utils import dist
 
-from cpt.io import storage
+from cpt.io import storage, untrusted
 from cpt.run import threads
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,20 @@ class MetricsJSONL(LoggerDestination):
         self._state = state
         if dist.get_global_rank() == 0:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            self.continue_history()
+
+    def continue_history(self) -> None:
+        """A resume on a node without the local file (another machine) continues the bucket's history instead of
+        replacing it: the uploaded ``metrics.jsonl`` is fetched first, its rows checked (``untrusted.jsonl``)."""
+        if not self.remote or os.path.isfile(self.path):
+            return
+        url = storage.join(self.remote, "metrics.jsonl")
+        if not storage.exists(url):
+            return
+        rows = [json.dumps(row) for _, row in untrusted.jsonl(url, "metrics.jsonl", tolerate_last=True)]
+        with open(self.path, "w") as fh:
+            fh.write("".join(r + "\n" for r in rows))
+        log.info("continuing the history of %s (%d rows)", url, len(rows))
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         if dist.get_global_rank() != 0 or self._state is None:

@@ -7,14 +7,13 @@ twice. A run still going is drawn up to its last logged batch.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 from dataclasses import dataclass
 
 from cpt.eval.tasks import PREFIX as TASKS
-from cpt.io import storage
+from cpt.io import storage, untrusted
 from cpt.optim.preview import token_axis
 
 CE = "LanguageCrossEntropy"
@@ -50,22 +49,22 @@ class Run:
 
 
 def load(run: str, label: str | None = None) -> Run:
+    """A run's ``metrics.jsonl`` read back as untrusted (``cpt.io.untrusted.jsonl``): every row an object with an
+    integer ``batch`` and numbers (or null), else ``ValueError`` naming ``file:line``. A partial last line (a run
+    killed mid-write) is dropped."""
     path = run if run.endswith(".jsonl") else storage.join(run, "metrics.jsonl")
+    rows: dict[int, dict] = {}
     try:
-        text = storage.read_bytes(path).decode()
+        for n, row in untrusted.jsonl(path, "metrics.jsonl", tolerate_last=True):
+            batch = row.get("batch")
+            if not isinstance(batch, int) or isinstance(batch, bool) or batch < 0:
+                raise ValueError(f"{path}:{n}: 'batch' must be a non-negative integer")
+            for key, value in row.items():
+                if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)):
+                    raise ValueError(f"{path}:{n}: {str(key)[:80]!r} must be a number or null")
+            rows.setdefault(batch, {}).update(row)
     except storage.StorageError as exc:
         raise FileNotFoundError(f"no metrics for run {run}: {exc}") from exc
-    rows: dict[int, dict] = {}
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if n == len(text.splitlines()):
-                break  # a run killed mid-write leaves a partial last line
-            raise ValueError(f"{path}:{n}: not valid JSON") from None
-        rows.setdefault(int(row["batch"]), {}).update(row)
     name = label or os.path.basename(os.path.dirname(path).rstrip("/")) or path
     if name == "checkpoints":  # an s3 save folder: runs/<name>/checkpoints
         name = os.path.basename(os.path.dirname(os.path.dirname(path)))
