@@ -322,7 +322,7 @@ def _parse(
             None,
             None,
             "too_many_domains",
-            f"domain {domain[:80]!r} would be domain {MAX_DOMAINS + 1}: at most {MAX_DOMAINS}",
+            f"domain {domain[:80]!r} is one more than {MAX_DOMAINS} in one file",
         )
     if "text" not in obj:
         return domain, None, "missing_text", "missing key 'text'"

@@ -30,32 +30,43 @@ def check_suffix(path: str) -> None:
 
 class _Zstd(io.RawIOBase):
     """A ``.zst`` stream of one or more frames whose end is checked: input that stops inside a frame raises
-    ``EOFError`` (zstandard's own stream reader returns what it has and ends quietly)."""
+    ``EOFError`` (zstandard's own stream reader returns what it has and ends quietly).
+
+    Compressed bytes are fed ``PIECE`` at a time, so one call's output is bounded (a zstd block expands at most
+    about 26,000 times: 1 KiB gives at most ~27 MB) and a decompression bomb never sits in memory whole."""
+
+    PIECE = 1 << 10
 
     def __init__(self, raw):
         import zstandard
 
         self.raw, self.make = raw, zstandard.ZstdDecompressor().decompressobj
         self.dobj, self.pending, self.pos, self.fed = self.make(), b"", 0, False
+        self.inbuf, self.inpos = b"", 0
 
     def readable(self) -> bool:
         return True
 
+    def _piece(self) -> bytes:
+        if self.inpos >= len(self.inbuf):
+            self.inbuf, self.inpos = self.raw.read(1 << 20), 0
+        piece = self.inbuf[self.inpos : self.inpos + self.PIECE]
+        self.inpos += len(piece)
+        return piece
+
     def readinto(self, buf) -> int:
         while self.pos >= len(self.pending):
-            chunk = self.raw.read(1 << 20)
-            if not chunk:
+            piece = self._piece()
+            if not piece:
                 if self.fed and not self.dobj.eof:
                     raise EOFError("the compressed input ends inside a zstd frame: the file is truncated")
                 return 0
-            out = []
-            while chunk:
-                self.fed = True
-                out.append(self.dobj.decompress(chunk))
-                chunk = b""
-                if self.dobj.eof:  # a frame ended: what follows starts the next one
-                    chunk, self.dobj, self.fed = self.dobj.unused_data, self.make(), False
-            self.pending, self.pos = b"".join(out), 0
+            self.fed = True
+            self.pending, self.pos = self.dobj.decompress(piece), 0
+            if self.dobj.eof:  # a frame ended: what follows starts the next one
+                rest = self.dobj.unused_data
+                self.inbuf, self.inpos = rest + self.inbuf[self.inpos :], 0
+                self.dobj, self.fed = self.make(), False
         n = min(len(buf), len(self.pending) - self.pos)
         buf[:n] = memoryview(self.pending)[self.pos : self.pos + n]
         self.pos += n

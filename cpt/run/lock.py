@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -87,7 +88,7 @@ def _read(data: bytes) -> dict:
         held["heartbeat"] = float(beat) if isinstance(beat, int | float) and not isinstance(beat, bool) else 0.0
     except (untrusted.UntrustedError, OverflowError):
         held = {"heartbeat": 0.0}
-    if held["heartbeat"] != held["heartbeat"]:  # NaN
+    if not math.isfinite(held["heartbeat"]):  # NaN or 1e999: no heartbeat
         held["heartbeat"] = 0.0
     return held
 

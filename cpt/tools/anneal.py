@@ -61,13 +61,15 @@ def recorded_launch(trunk_folder: str) -> DictConfig:
     try:
         cfg = OmegaConf.merge(OmegaConf.create(spec["yaml"]), OmegaConf.from_dotlist(spec["overrides"]))
     except Exception as exc:  # noqa: BLE001 - omegaconf's parse errors, whatever their class
-        raise untrusted.UntrustedError(f"{where}: the recorded YAML does not parse: {exc}"[:400]) from None
+        raise untrusted.UntrustedError(
+            f"{where}: the recorded YAML does not parse: {' '.join(str(exc).split())}"[:400]
+        ) from None
     if not isinstance(cfg, DictConfig):
         raise untrusted.UntrustedError(f"{where}: the recorded YAML is not a mapping")
     untrusted.granted(cfg, where)
     run_dir = OmegaConf.select(cfg, "cpt.run_dir", default=None)
-    if run_dir is not None:
-        untrusted.key(str(run_dir), f"{where}: cpt.run_dir")  # relative, inside the working directory
+    if run_dir is not None:  # relative, inside the working directory
+        untrusted.key(os.path.normpath(str(run_dir)), f"{where}: cpt.run_dir")
     return cfg
 
 
@@ -85,7 +87,7 @@ def plan_branch(
     try:
         OmegaConf.resolve(resolved)
     except Exception as exc:  # noqa: BLE001
-        raise untrusted.UntrustedError(f"{trunk_folder}/{stage.RUN_SPEC}: {exc}"[:400]) from None
+        raise untrusted.UntrustedError(f"{trunk_folder}/{stage.RUN_SPEC}: {' '.join(str(exc).split())}"[:400]) from None
     trunk = config.check(resolved, f"{trunk_folder}/{stage.RUN_SPEC}")
     recorded = trunk.save_folder and untrusted.folder(trunk.save_folder)
     if recorded and recorded != trunk_folder:
