@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -283,3 +284,32 @@ def test_the_branches_demo_runs_and_says_what_held(tmp_path):
     for f in ("loss.png", "lr.png", "summary.md", "branches/trunk-anneal12-1-sqrt-4ba.yaml"):
         assert (tmp_path / "demo" / f).is_file(), f
     assert "- `trunk-anneal20-1-sqrt-4ba` leaves `trunk`" in (tmp_path / "demo" / "summary.md").read_text()
+
+
+def test_outputs_are_never_overwritten_silently_nor_written_into_the_save_folder(trunk, tmp_path, capsys, caplog):
+    """``cpt export`` and ``cpt average`` into an existing OUT: refused, or cleared with ``--overwrite``; an OUT that
+    is a file, or inside the save folder, is refused; a folder broken half-way is skipped as resume skips it."""
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    ck = f"{trunk}/ep0-ba16-rank0.pt"
+    assert main(["export", ck, str(out)]) == 2
+    assert "already holds stale.txt" in capsys.readouterr().err and (out / "stale.txt").exists()
+    assert main(["export", ck, str(out), "--overwrite"]) == 0
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
+    (tmp_path / "file").write_text("x")
+    assert main(["average", trunk, str(tmp_path / "file"), "--last", "2"]) == 2
+    assert "is a file" in capsys.readouterr().err
+    before = sorted(os.listdir(trunk))
+    assert main(["average", trunk, f"{trunk}/averaged", "--last", "2"]) == 2
+    assert "would hold it" in capsys.readouterr().err and sorted(os.listdir(trunk)) == before
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for b in (8, 12):
+        shutil.copy(f"{trunk}/ep0-ba{b}-rank0.pt", broken)
+    data = Path(trunk, "ep0-ba16-rank0.pt").read_bytes()
+    (broken / "ep0-ba16-rank0.pt").write_bytes(data[: len(data) // 2])  # truncated: skipped, named
+    assert main(["average", str(broken), str(tmp_path / "avg"), "--last", "3"]) == 0
+    assert "averaged batches [8, 12]" in capsys.readouterr().out
+    assert "skipping" in caplog.text and "ep0-ba16-rank0.pt" in caplog.text
+    assert (broken / "ep0-ba16-rank0.pt").exists()  # another run's folder is only read
