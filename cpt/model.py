@@ -7,7 +7,7 @@ import json
 import logging
 import os
 
-from cpt.io import storage
+from cpt.io import safe_load, storage
 from cpt.io.cache import mirror
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,12 @@ def check_folder(folder: str, spec: str, trust_remote_code: bool = False, need_w
             )
     if need_weights and not any(os.path.isfile(os.path.join(folder, w)) for w in WEIGHTS):
         raise ValueError(f"cpt.model: {spec} holds no weights (none of {', '.join(WEIGHTS)})")
+    for name in sorted(os.listdir(folder)):  # pickled weights: loaded safely or refused before transformers sees them
+        if name.endswith(".bin"):
+            try:
+                safe_load.check(os.path.join(folder, name))
+            except safe_load.UnsafeCheckpointError as exc:
+                raise ValueError(f"cpt.model: {spec}/{name}: {exc}") from None
     from transformers import AutoTokenizer
 
     try:

@@ -514,3 +514,19 @@ def test_random_damage_to_every_record_is_a_clean_refusal_or_the_right_answer(ti
         path.write_bytes(original)
         read()  # the undamaged record still reads
     assert outcomes["refused"] > 50 and sum(outcomes.values()) == 150
+
+
+def test_pickled_weights_in_a_model_folder_are_refused_before_transformers_or_lm_eval_see_them(tiny, tmp_path, capsys):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny / "model", folder)
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "ran"
+    torch.save({"gpt_neox.embed_in.weight": _Calls(os.system, f"touch {marker}")}, folder / "pytorch_model.bin")
+    with pytest.raises(config.ConfigError, match=r"pytorch_model.bin: .*refusing to load.*posix.system"):
+        Plan.from_config(load_tiny(tiny, f"variables.model={folder}"), TINY)
+    task = tmp_path / "t.jsonl"
+    task.write_text('{"context": "a b", "continuation": " c"}\n' * 2)
+    (tmp_path / "tasks.yaml").write_text(f"tasks: {{t: {{path: '{task}', kind: language_modeling}}}}\n")
+    assert main(["eval", str(folder), str(tmp_path / "tasks.yaml"), "--out", str(tmp_path / "ev")]) == 2
+    err = capsys.readouterr().err
+    assert "pytorch_model.bin" in err and "Traceback" not in err and not marker.exists()

@@ -86,7 +86,8 @@ def task_run(tmp_path_factory, tiny_project, s3_server):
          f"variables.model={tmp / 'model'}", f"variables.save_folder={tmp / 'ck'}", f"cpt.run_dir={tmp / 'runs'}",
          "variables.run_name=tasks", f"max_duration={STEPS}ba", "save_interval=4ba", "cpt.eval.interval=4ba",
          "cpt.eval.tokens_per_domain=512", "cpt.num_workers=0", tasks, "cpt.loss.impl=chunked",
-         "cpt.eval.datasets.upstream.blends.mix={Pile-CC: 1}",
+         "cpt.eval.datasets.upstream.blends.mix={Pile-CC: 1}", f"variables.hf_token={SECRETS[0]}",
+         f"variables.mlflow_tracking_token={SECRETS[1]}", f"variables.wandb_passphrase={SECRETS[2]}",
          f"loggers={{mlflow: {{tracking_uri: 'file:{tmp}/mlruns', experiment_name: cpt-tasks}}, "
          f"tensorboard: {{log_dir: '{tmp}/tb'}}}}"],
         cwd=tmp, capture_output=True, text=True, timeout=600, env=env,
@@ -96,6 +97,8 @@ def task_run(tmp_path_factory, tiny_project, s3_server):
     (tmp / "tasks.yaml").write_text(tasks.replace("cpt.eval.tasks=", "tasks: ") + "\n")  # for cpt eval
     return {"tmp": tmp, "rows": rows, "metrics": metrics, "log": proc.stdout + proc.stderr, "tok": tok}
 
+
+SECRETS = ("hf_NotARealTokenButLongEnough1234", "mlflow-tracking-secret-987", "open-sesame-passphrase-42")
 
 KEYS = {
     "lastword": "metrics/tasks/lastword/0-shot/InContextLearningLMAccuracy",
@@ -387,6 +390,14 @@ def test_mlflow_and_tensorboard_receive_domains_blends_and_tasks(task_run):
         assert mlflow_points == pytest.approx(expected, rel=1e-6), key
         tb_points = {e.step: e.value for acc in tb if key in acc.Tags()["scalars"] for e in acc.Scalars(key)}
         assert tb_points == pytest.approx(expected, rel=1e-6), key
+    # the secrets given on the command line reach no store: MLflow's params, TensorBoard, the log, the bucket's record
+    params = json.dumps(client.get_run(run.info.run_id).data.params)
+    assert "hf_token" in params  # the key is logged, masked
+    stores = [params, task_run["log"], (tmp / "ck" / "cpt-run.json").read_text()]
+    stores += [p.read_bytes().decode("latin-1") for p in [*(tmp / "tb").rglob("*"), *(tmp / "mlruns").rglob("*")]
+               if p.is_file()]  # fmt: skip
+    for secret in SECRETS:
+        assert not [i for i, text in enumerate(stores) if secret in text], secret
 
 
 def test_an_s3_task_file_is_fetched_once_and_again_when_it_changes(s3_bucket, tmp_path, caplog):
