@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
+from cpt.run.checkpoints import MARKER
 from cpt.tools.quickstart import quickstart
 from cpt.tools.report import directions
 
@@ -45,7 +47,7 @@ def test_export_gives_the_checkpoints_logits(tmp_path):
 
     src = save_tiny_pythia(str(tmp_path / "src"), seed=3)
     hf = AutoModelForCausalLM.from_pretrained(src)
-    ckpt = tmp_path / "ck.pt"
+    ckpt = tmp_path / "ep0-ba0-rank0.pt"  # a checkpoint's name: export chooses by the checkpoint rule
     model = HuggingFaceModel(hf, tokenizer=AutoTokenizer.from_pretrained(src))
     from composer import Trainer
 
@@ -74,13 +76,13 @@ def test_export_to_s3_lands_in_the_bucket(tmp_path, s3_bucket, monkeypatch, capf
     src = save_tiny_pythia(str(tmp_path / "src"), seed=5)
     hf = AutoModelForCausalLM.from_pretrained(src)
     trainer = Trainer(model=HuggingFaceModel(hf, tokenizer=AutoTokenizer.from_pretrained(src)), device="cpu")
-    ckpt = tmp_path / "ck.pt"
+    ckpt = tmp_path / "ep0-ba0-rank0.pt"  # a checkpoint's name: export chooses by the checkpoint rule
     trainer.save_checkpoint(str(ckpt))
     monkeypatch.chdir(tmp_path)
     assert main(["export", str(ckpt), f"{s3_bucket}/exports/hf"]) == 0
     assert f"wrote {s3_bucket}/exports/hf" in capfd.readouterr().out
     keys = set(storage.list_prefix(f"{s3_bucket}/exports/hf"))
-    assert {"config.json", "model.safetensors", "tokenizer.json"} <= keys
+    assert {"config.json", "model.safetensors", "tokenizer.json", ".cpt-complete"} <= keys  # the marker: last
     assert not (tmp_path / "s3:").exists()
     back = tmp_path / "back"
     for key in keys:
@@ -137,6 +139,9 @@ def test_export_of_a_sharded_checkpoint_on_s3(tmp_path, s3_bucket):
     state = {"state": trainer.state.state_dict(), "rng": reproducibility.get_rng_state()}
     dcp.save(state, storage_writer=dcp.FileSystemWriter(str(folder)))
     assert (folder / ".metadata").is_file() and (folder / "__0_0.distcp").is_file()
+    files = {f.name: {"bytes": f.stat().st_size, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+             for f in folder.iterdir()}  # fmt: skip
+    (folder / MARKER).write_text(json.dumps({"world_size": 1, "files": files}))  # as cpt's upload marks it
     for f in folder.iterdir():
         storage.upload_file(str(f), f"{s3_bucket}/run/ep0-ba8/{f.name}")
 
