@@ -1,4 +1,7 @@
-"""``cpt``: convert, schedule, train. Each subcommand is a few lines over the modules that do the work."""
+"""``cpt``: schedule, convert, verify, train, quickstart, sweep, report, anneal, average, eval, export.
+
+Each subcommand is a few lines over the modules that do the work; ``main`` turns every refusal (a bad config, an
+unreachable or untrusted file, a bad argument) into one line on stderr and exit code 2."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from cpt.io.storage import StorageError
 
 def _schedule(args: argparse.Namespace) -> int:
     from cpt.io.storage import local_only
-    from cpt.optim.preview import describe, preview, write_csv, write_png
+    from cpt.tools.schedule import describe, preview, write_csv, write_png
 
     for flag in ("csv", "png"):
         if getattr(args, flag):
@@ -71,14 +74,9 @@ def _eval(args: argparse.Namespace) -> int:
     if args.only:
         unknown = sorted(set(args.only.split(",")) - set(tasks))
         if unknown:
-            print(f"error: --only {unknown[0]!r} is not a task of {args.config} ({', '.join(tasks)})", file=sys.stderr)
-            return 2
+            raise ValueError(f"--only {unknown[0]!r} is not a task of {args.config} ({', '.join(tasks)})")
         tasks = {k: v for k, v in tasks.items() if k in args.only.split(",")}
-    try:
-        evaluate(args.model, tasks, args.out, args.device, args.batch_size, args.budget, args.overwrite)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    evaluate(args.model, tasks, args.out, args.device, args.batch_size, args.budget, args.overwrite)
     print(f"wrote {args.out.rstrip('/')}/eval.md and eval.json")
     return 0
 
@@ -97,24 +95,16 @@ def _sweep(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from cpt.tools import report
 
-    try:
-        runs = [report.load(r) for r in args.runs]
-        path = report.report(runs, args.out, args.upstream, args.downstream, args.baseline, args.early, args.overwrite)
-        print(f"wrote {path}")
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    runs = [report.load(r) for r in args.runs]
+    path = report.report(runs, args.out, args.upstream, args.downstream, args.baseline, args.early, args.overwrite)
+    print(f"wrote {path}")
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
     from cpt.tools.export import export
 
-    try:
-        print(f"wrote {export(args.checkpoint, args.out, args.overwrite)}")
-    except (ValueError, FileNotFoundError) as exc:  # an unsafe, missing or foreign checkpoint, named
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    print(f"wrote {export(args.checkpoint, args.out, args.overwrite)}")
     return 0
 
 
@@ -122,11 +112,7 @@ def _anneal(args: argparse.Namespace) -> int:
     from cpt.io.storage import local_only
     from cpt.tools.anneal import plan_branch
 
-    try:
-        branch = plan_branch(args.trunk, args.at, args.length, args.shape, args.to, local_only(args.out, "--out"))
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    branch = plan_branch(args.trunk, args.at, args.length, args.shape, args.to, local_only(args.out, "--out"))
     print(
         f"{branch.name}: leaves the trunk at batch {branch.at} (LR x {branch.m_start:.4g}), decays over "
         f"{branch.length} batches to x {args.to:g}; checkpoints in {branch.save_folder}\nwrote {branch.path}"
@@ -142,13 +128,7 @@ def _anneal(args: argparse.Namespace) -> int:
 def _average(args: argparse.Namespace) -> int:
     from cpt.tools.average import average
 
-    try:
-        batches = average(
-            args.save_folder, args.out, args.last, args.start, args.end, args.ema, overwrite=args.overwrite
-        )
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    batches = average(args.save_folder, args.out, args.last, args.start, args.end, args.ema, overwrite=args.overwrite)
     print(f"averaged batches {batches} of {args.save_folder}\nwrote {args.out}")
     return 0
 

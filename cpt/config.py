@@ -10,18 +10,21 @@ plan (``cpt.run.plan``) adds what does.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
 import re
-from dataclasses import dataclass, field
+import shlex
+from dataclasses import dataclass
 from typing import Any, get_args, get_origin, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
 
 from cpt.io import storage
-from cpt.loss import IMPLS
 from cpt.optim import schedules
+from cpt.spec import CARRY, SAFE_NAME, TASK_KINDS, ConfigError, Cpt, Task
+from cpt.spec import LOSS_IMPLS as IMPLS
 
 OWNED = ("model", "tokenizer", "train_loader", "eval_loader", "eval_loaders")
 REFUSED = {  # llm-foundry keys that cpt decides itself, and why
@@ -33,102 +36,6 @@ REFUSED = {  # llm-foundry keys that cpt decides itself, and why
     "load_path": "load_path restores an optimizer and an old LR; a CPT run loads the base weights from cpt.model, "
     "and resumes from save_folder by itself",
 }
-
-
-class ConfigError(ValueError):
-    """A bad config: the message names the file and the key."""
-
-
-@dataclass
-class Source:
-    """One training stream: an MDS split written by ``convert/`` and its share of the mixture."""
-
-    path: str
-    proportion: float = 1.0
-
-
-@dataclass
-class EvalDataset:
-    path: str  # an MDS split with a manifest.json, e.g. s3://bucket/pile/val
-    blends: dict[str, dict[str, float]] = field(default_factory=dict)  # name -> {domain: weight}
-
-
-TASK_KINDS = ("language_modeling", "multiple_choice", "schema")
-
-
-@dataclass
-class Task:
-    """A zero- or few-shot task (``cpt.eval.tasks.<name>``): a JSONL file in llm-foundry's ICL format."""
-
-    path: str  # local or s3://
-    kind: str  # language_modeling (context, continuation), multiple_choice (query, choices, gold), schema
-    fewshot: int = 0  # examples from the same file put before each question
-    examples: int | None = None  # examples scored per evaluation (the file's first ones); None: all
-
-
-@dataclass
-class Early:
-    """``cpt.eval.early``: evaluate every ``interval`` during the run's first stretch (``until``), whatever the
-    schedule, so that runs with and without a warmup are sampled alike."""
-
-    until: str  # e.g. 0.25dur, 500ba
-    interval: str  # e.g. 2ba
-
-
-@dataclass
-class Eval:
-    datasets: dict[str, EvalDataset] = field(default_factory=dict)
-    tasks: dict[str, Task] = field(default_factory=dict)  # task accuracy, at the same cadence as perplexity
-    tokens_per_domain: int | None = None  # budget per domain per evaluation; None: the whole domain
-    interval: str = "1000ba"  # every N batches
-    early: Early | None = None  # denser in the run's first stretch
-    at_peak: bool = True  # once when the warmup ends
-    first: bool = True  # before the first step
-
-
-@dataclass
-class Loss:
-    """The training loss (``cpt.loss``): ``auto``, ``plain`` (full logits), ``chunked`` or ``liger``."""
-
-    impl: str = "auto"  # auto: liger on CUDA when installed, else chunked on CUDA; plain on the CPU
-    chunk: int = 8192  # tokens whose logits are held at once (chunked)
-
-
-CARRY = ("optimizer", "clock", "data")
-
-
-@dataclass
-class Init:
-    """``cpt.init``: start from an earlier stage's checkpoint instead of the base weights, carrying what it says.
-
-    ``carry: []`` is weights only (the paper's set-up); ``[optimizer]`` adds the optimizer's state;
-    ``[optimizer, clock]`` the schedule clock too (an infinite schedule's constant phase continues across
-    tasks, without a new warmup); ``[optimizer, clock, data]`` the data position as well (an anneal branch)."""
-
-    from_: str  # YAML key "from": a save folder (its newest intact checkpoint) or one checkpoint, local or s3://
-    carry: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Cpt:
-    """The ``cpt:`` section of a train YAML."""
-
-    model: str  # a Pythia (GPT-NeoX) Hugging Face folder, local or s3://
-    train: dict[str, Source]
-    # Paper set-up: the base model's weights only, a fresh optimizer and a schedule clock at 0.
-    from_scratch: bool = False  # same architecture, random initialisation (the from-scratch baseline)
-    eval: Eval = field(default_factory=Eval)
-    loss: Loss = field(default_factory=Loss)
-    init: Init | None = None  # an earlier stage's checkpoint to start from (the save folder's own comes first)
-    num_canonical_nodes: int = 1  # pinned, so the data order does not depend on the number of GPUs
-    shuffle_seed: int = 17
-    num_workers: int | None = None  # data loader workers per rank; None: min(8, the CPUs this process may use)
-    run_dir: str = "runs"  # local: <run_dir>/<run_name>/ holds metrics.jsonl and caches
-    allow_fingerprint_change: bool = False  # resume onto different data anyway
-    keep_checkpoints: int = 3  # newest checkpoints kept in save_folder (0: all); Composer never deletes remote ones
-    s3_retry_s: float = 600.0  # an S3 outage longer than this fails the upload or download, naming it
-    log_samples: bool = False  # <run_dir>/<run>/samples-rank<r>.jsonl: a digest of every sample trained
-    trust_remote_code: bool = False  # run a model folder's own code (config.json auto_map); off: refused
 
 
 @dataclass(frozen=True)
@@ -206,22 +113,48 @@ def load(path: str, overrides: list[str] | None = None) -> DictConfig:
     """Read a YAML and apply ``key=value`` overrides; interpolations resolved."""
     if not os.path.isfile(path):
         raise ConfigError(f"config not found: {path}")
+    with open(path) as fh:
+        return resolved(compose(fh.read(), overrides, path), path)
+
+
+def compose(text: str, overrides: list[str] | None, where: str) -> DictConfig:
+    """The one YAML loader (``cpt train``, ``cpt sweep``, ``cpt anneal``): a YAML's text with ``key=value``
+    overrides merged in, interpolations left as they are; ``ConfigError`` naming ``where``."""
+    bad = [o for o in overrides or [] if "=" not in o]
+    if bad:
+        raise ConfigError(f"{where}: override {bad[0]!r} is not key=value")
     try:
-        cfg = OmegaConf.load(path)
-        bad = [o for o in overrides or [] if "=" not in o]
-        if bad:
-            raise ConfigError(f"override {bad[0]!r} is not key=value")
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides or [])))
-        unresolved = OmegaConf.to_container(cfg, resolve=False)
-        OmegaConf.resolve(cfg)
-        remember_interpolations(path, unresolved, OmegaConf.to_container(cfg))
-    except ConfigError:
-        raise
-    except Exception as exc:  # omegaconf's errors name the key; add the file
-        raise ConfigError(f"{path}: {exc}") from exc
+        cfg = OmegaConf.merge(OmegaConf.create(text), OmegaConf.from_dotlist(list(overrides or [])))
+    except Exception as exc:  # omegaconf's and yaml's errors name the key or the line; add the file
+        raise ConfigError(f"{where}: {' '.join(str(exc).split())}"[:500]) from None
     if not isinstance(cfg, DictConfig):
-        raise ConfigError(f"{path}: the top level must be a mapping")
+        raise ConfigError(f"{where}: the top level must be a mapping")
     return cfg
+
+
+def resolved(cfg: DictConfig, where: str) -> DictConfig:
+    """A resolved copy of ``cfg``; the interpolations are remembered so that errors name them, not their values."""
+    out = copy.deepcopy(cfg)
+    try:
+        OmegaConf.resolve(out)
+    except Exception as exc:  # noqa: BLE001 - omegaconf's errors name the key; add the file
+        raise ConfigError(f"{where}: {' '.join(str(exc).split())}"[:500]) from None
+    remember_interpolations(where, OmegaConf.to_container(cfg, resolve=False), OmegaConf.to_container(out))
+    return out
+
+
+def launch_command(path: str, gpus: int) -> str:
+    """The one launch command every tool prints (``cpt sweep``, ``cpt anneal``), shell-quoted to be pasted."""
+    return shlex.join(["composer", "-n", str(int(gpus)), "-m", "cpt.train", path])
+
+
+def rename(cfg: DictConfig, name: str) -> None:
+    """Give a derived run (a sweep's, a branch) its own run name: ``variables.run_name`` when the YAML names the
+    run through it (so its save folder follows), else ``run_name``."""
+    if OmegaConf.select(cfg, "variables.run_name") is not None:
+        cfg.variables.run_name = name
+    if OmegaConf.select(cfg, "run_name", throw_on_resolution_failure=False) != name:
+        cfg.run_name = name
 
 
 def cpt_section(cfg: DictConfig, path: str = "config") -> Cpt:
@@ -276,11 +209,20 @@ def remember_interpolations(path: str, unresolved: Any, resolved: Any) -> None:
         elif isinstance(raw, list) and isinstance(value, list):
             for r, v in zip(raw, value):
                 walk(r, v)
-        elif isinstance(raw, str) and "${" in raw and value is not None and len(str(value)) >= 3:
+        elif isinstance(raw, str) and "${" in raw and value is not None and len(str(value)) >= 3 and _hidden(raw):
             shown[str(value)] = raw
 
     walk(unresolved, resolved)
     _SHOWN[path] = shown
+
+
+def _hidden(interpolation: str) -> bool:
+    """An interpolation whose value an error must not show: a resolver's (``${oc.env:...}``, ``${oc.decode:...}``)
+    or a secret-looking key's (``${variables.hf_token}``). Plain references to other keys are shown."""
+    from cpt.io import redact
+
+    refs = re.findall(r"\$\{([^}]*)\}", interpolation)
+    return any(":" in r or redact.is_secret_key(r.strip()) for r in refs)
 
 
 def _scrub(message: str, path: str) -> str:
@@ -357,9 +299,6 @@ def _check(cfg: DictConfig, path: str) -> Checked:
         save_folder=str(save_folder) if save_folder else None,
         sharded=fsdp.get("state_dict_type") == "sharded" and world > 1,  # llm-foundry drops FSDP on one device
     )
-
-
-SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a run name becomes a folder name in several places
 
 
 def _finite(x: Any) -> bool:
@@ -460,7 +399,12 @@ def _scheduler(cfg: DictConfig, tokens_per_batch: int, path: str) -> tuple[sched
     """The scheduler the YAML asks for, with ``tokens_per_batch`` filled in, checked against the run's length."""
     spec = dict(require(cfg, "scheduler", path))
     name = spec.pop("name", None)
-    spec.setdefault("tokens_per_batch", tokens_per_batch)
+    if "tokens_per_batch" in spec:  # derived here only: a value of the YAML's own would be silently ignored
+        raise ConfigError(
+            f"{path}: scheduler.tokens_per_batch is cpt's (global_train_batch_size x max_seq_len = "
+            f"{tokens_per_batch}); remove it"
+        )
+    spec["tokens_per_batch"] = tokens_per_batch
     try:
         scheduler = schedules.make_scheduler(name, **spec)
         clock = schedules.Clock(str(require(cfg, "max_duration", path)), tokens_per_batch)

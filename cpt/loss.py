@@ -23,8 +23,9 @@ import functools
 
 import torch
 
+from cpt.spec import LOSS_IMPLS as IMPLS
+
 IGNORE = -100
-IMPLS = ("auto", "plain", "chunked", "liger")
 
 
 @functools.cache

@@ -29,31 +29,37 @@ def train_from_yaml(path: str, overrides: list[str] | None = None):
 
     logging.basicConfig(format="%(asctime)s: %(levelname)s: %(name)s: %(message)s")
     logging.getLogger("cpt").setLevel(logging.INFO)
-    plan = Plan.from_config(config.load(path, overrides), path)
-    if plan.finished:
-        print(
-            f"{plan.checked.run_name}: already trained to max_duration ({plan.checked.total_batches} batches, "
-            f"{plan.resume.name})"
-        )
-        return None
-    if plan.lock:
-        if os.environ.get("RANK", "0") == "0":
-            stage.check_owner(plan.lock, plan.checked.run_name, path)  # a folder is one run's
-            lock.acquire(plan.lock)  # before anything is written to the save folder, after every check
-            stage.write_run_spec(plan.lock, path, overrides or [], plan.checked.run_name)  # what cpt anneal reads
-        cleanup.mark(plan.lock)  # every process this rank spawns carries it
-    if os.environ.get("LOCAL_RANK", "0") == "0":
-        if plan.lock:
-            cleanup.reap(plan.lock)  # a killed launch's spawned helpers
-        if plan.staging:
-            shutil.rmtree(plan.staging, ignore_errors=True)  # a killed run's partial or unsent saves
-        cleanup.clean_stale()  # a killed run's /dev/shm segments, which would block this one; live runs' stay
-    log.info("%s", plan.describe())
+    checked = config.check(config.load(path, overrides), path)
+    save, rank0 = checked.save_folder, os.environ.get("RANK", "0") == "0"
+    storage.set_retry_limit(checked.section.s3_retry_s)  # every S3 call of this process, the lock's included
+    if save and rank0:
+        stage.check_owner(save, checked.run_name, path)  # a folder is one run's
+        lock.acquire(save)  # before any download: a second launch is refused at once
     try:
+        plan = Plan.from_checked(checked)  # model, data, tasks and the resume point, all checked
+        if plan.finished:
+            print(
+                f"{checked.run_name}: already trained to max_duration ({checked.total_batches} batches, "
+                f"{plan.resume.name})"
+            )
+            if save and rank0:
+                lock.release(save)
+            return None
+        if save:
+            if rank0:
+                stage.write_run_spec(save, path, overrides or [], checked.run_name)  # after every check passed
+            cleanup.mark(save)  # every process this rank spawns carries it
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            if save:
+                cleanup.reap(save)  # a killed launch's spawned helpers
+            if plan.staging:
+                shutil.rmtree(plan.staging, ignore_errors=True)  # a killed run's partial or unsent saves
+            cleanup.clean_stale()  # a killed run's /dev/shm segments, which would block this one; live runs' stay
+        log.info("%s", plan.describe())
         return train(plan.to_foundry())
     except BaseException:
-        if plan.lock and os.environ.get("RANK", "0") == "0":
-            lock.release(plan.lock)  # a refused or failed launch leaves the folder free
+        if save and rank0:
+            lock.release(save)  # a refused or failed launch leaves the folder free
         raise
 
 

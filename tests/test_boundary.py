@@ -269,10 +269,16 @@ def test_a_secret_override_is_never_recorded_in_the_bucket(tiny, tmp_path):
 
 def test_a_config_error_names_the_interpolation_not_its_resolved_secret(tiny, monkeypatch):
     monkeypatch.setenv("CPT_TEST_SECRET", "SuperSecretKey123")
-    for override in ("optimizer.weight_decay=${oc.env:CPT_TEST_SECRET}", "run_name=bad/${oc.env:CPT_TEST_SECRET}"):
+    for overrides, named in (
+        (["optimizer.weight_decay=${oc.env:CPT_TEST_SECRET}"], "${oc.env:CPT_TEST_SECRET}"),
+        (["run_name=bad/${oc.env:CPT_TEST_SECRET}"], "${oc.env:CPT_TEST_SECRET}"),
+        (["variables.db_password=SuperSecretKey123", "optimizer.eps=${variables.db_password}"], "${variables.db_"),
+    ):
         with pytest.raises(config.ConfigError) as info:
-            config.check(config.load(TINY, [override]), TINY)
-        assert "SuperSecretKey123" not in str(info.value) and "${oc.env:CPT_TEST_SECRET}" in str(info.value)
+            config.check(config.load(TINY, overrides), TINY)
+        assert "SuperSecretKey123" not in str(info.value) and named in str(info.value)
+    with pytest.raises(config.ConfigError, match="run_name='a/b' must be a plain name"):  # a plain reference: shown
+        config.check(config.load(TINY, ["variables.run_name=a/b"]), TINY)
 
 
 # ---- 6. records: a launch's record, the lock, metrics ---------------------------------------------------------

@@ -49,7 +49,38 @@ def test_no_module_imports_one_that_imports_it_back():
         if name not in done:
             visit(name, [name], done)
     assert not cycles, [" -> ".join(c) for c in cycles[:5]]
-    assert "cpt.config" in graph["cpt.optim.preview"] and "cpt.optim.preview" not in graph["cpt.config"]
+
+
+# README's order, lowest first: a module imports only modules of its own level or below
+LEVELS = [
+    ("cpt.spec",),
+    ("cpt.io",),
+    ("cpt.data", "cpt.optim", "cpt.eval", "cpt.model", "cpt.loss"),
+    ("cpt.config",),
+    ("cpt.run",),
+    ("cpt.train", "cpt.tools", "cpt.cli"),
+]
+
+
+def level(module: str) -> int:
+    for i, names in enumerate(LEVELS):
+        if any(module == n or module.startswith(n + ".") for n in names):
+            return i
+    raise AssertionError(f"{module} is in no level of the README's order")
+
+
+def test_data_flows_the_way_the_readme_says():
+    mods = modules()
+    upward = [
+        f"{name} ({level(name)}) imports {dep} ({level(dep)})"
+        for name, path in mods.items()
+        if name != "cpt"
+        for dep in sorted(imports(path, set(mods)))
+        if dep != "cpt" and level(dep) > level(name)
+    ]
+    assert not upward, upward
+    text = " ".join((ROOT / "README.md").read_text().split())
+    assert "`spec` <- `io` <- `data`, `optim`, `eval`, `model`, `loss` <- `config` <- `run` <- `train`" in text
 
 
 def test_readme_layout_names_every_module():

@@ -137,6 +137,6 @@ def test_a_mistyped_destination_url_is_refused(tmp_path, capsys, monkeypatch):
     ],
 )
 def test_token_axis_unit_fits_the_run(tokens, expected):
-    from cpt.optim.preview import token_axis
+    from cpt.tools.figures import token_axis
 
     assert token_axis(tokens) == expected

@@ -403,8 +403,8 @@ def test_mlflow_and_tensorboard_receive_domains_blends_and_tasks(task_run):
 def test_an_s3_task_file_is_fetched_once_and_again_when_it_changes(s3_bucket, tmp_path, caplog):
     import logging
 
-    from cpt.config import Task
     from cpt.eval.tasks import prepare
+    from cpt.spec import Task
 
     rows = [{"context": "the river", "continuation": " city"}, {"context": "a cell", "continuation": " gene"}]
     url = f"{s3_bucket}/tasks/lm.jsonl"

@@ -60,6 +60,7 @@ def test_early_evaluation_is_the_same_for_every_schedule(tiny, scheduler, expect
         (["load_path=/x.pt"], "load_path restores an optimizer"),
         (["save_filename=ck-{batch}.pt"], "save_filename is cpt's"),
         (["cpt.eval.datasets.upstream.blends.b={Nope: 1.0}"], "domain 'Nope' is not in"),
+        (["scheduler.tokens_per_batch=128"], r"scheduler.tokens_per_batch is cpt's \(.* = 256\); remove it"),
     ],
 )
 def test_bad_configs_fail_before_training(tiny, overrides, message):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 
-from cpt.config import ConfigError, Cpt
 from cpt.data import manifest, verify
 from cpt.io import storage, untrusted
+from cpt.spec import ConfigError, Cpt
 
 
 def read_manifests(paths: dict[str, str], seq_len: int, where: str) -> dict[str, manifest.Manifest]:

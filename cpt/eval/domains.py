@@ -14,9 +14,9 @@ from composer.core import Callback, Event, State
 from composer.loggers import Logger
 from composer.utils import dist
 
-from cpt.config import ConfigError, Cpt
 from cpt.data.manifest import Manifest
 from cpt.data.mixture import loader_workers, location
+from cpt.spec import ConfigError, Cpt
 
 CE, PPL = "LanguageCrossEntropy", "LanguagePerplexity"
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 import json
 import os
 
-from cpt.config import ConfigError, Cpt, Task
 from cpt.io import storage, untrusted
 from cpt.io.cache import mirror_file
+from cpt.spec import ConfigError, Cpt, Task
 
 FIELDS = {  # kind -> {field: its type}
     "language_modeling": {"context": str, "continuation": str},

@@ -1,10 +1,10 @@
 """What a killed launch leaves behind, removed before the relaunch starts: spawned processes, shared memory.
 
-**Processes.** Composer's checkpoint uploader (used when cpt does not upload itself) runs in spawned worker
-processes that a SIGKILLed run leaves behind, still polling their queue and able to upload stale files into
-the save folder. ``mark`` puts ``CPT_RUN_OWNER=<run key>:<pid>`` into the environment, so every process the
-run spawns from then on carries it (``/proc/<pid>/environ`` shows the environment a process was started
-with). ``reap`` stops those whose owner, on this host, is gone.
+**Processes.** A SIGKILLed run leaves its spawned processes behind for a while: the data loaders' persistent
+workers notice their parent is gone only at their next status check, and until then they keep streaming's
+shared memory mapped, so the relaunch could not clear it. ``mark`` puts ``CPT_RUN_OWNER=<run key>:<pid>``
+into the environment, so every process the run spawns from then on carries it (``/proc/<pid>/environ`` shows
+the environment a process was started with). ``reap`` stops those whose owner, on this host, is gone.
 
 **Shared memory.** mosaicml-streaming's segments (``/dev/shm/<6 digits>_<name>``) of a killed run block a
 relaunch (streaming refuses a local folder that a live-looking prefix registered). Streaming's own

@@ -63,7 +63,7 @@ def upload_progress(name: str, nbytes: int):
 
 
 class Faults(Callback):
-    """Added by ``cpt.train`` when ``CPT_FAULT`` is set."""
+    """Added to the run's callbacks by the run plan (``Plan.to_foundry``) when ``CPT_FAULT`` is set."""
 
     def __init__(self, save_folder: str | None = None):
         self.point, self.batch = planned() or ("", -1)

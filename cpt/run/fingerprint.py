@@ -8,8 +8,8 @@ import logging
 
 from composer.core import Callback
 
-from cpt.config import Cpt
 from cpt.data.manifest import Manifest
+from cpt.spec import Cpt
 
 log = logging.getLogger(__name__)
 

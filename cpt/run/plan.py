@@ -41,13 +41,17 @@ class Plan:
     staging: str | None  # where Composer saves before cpt uploads (s3:// save folder, or sharded checkpoints)
     resume: Checkpoint | None  # the checkpoint to resume from, its name a local path; None: base weights only
     init: Checkpoint | None  # cpt.init's checkpoint, a local path (only when there is nothing to resume)
-    lock: str | None  # the folder whose run lock this launch takes (the save folder)
 
     @classmethod
     def from_config(cls, cfg: DictConfig, path: str = "config") -> Plan:
         """Check a loaded train YAML against its model, data and save folder. Raises ``ConfigError``."""
-        checked = config.check(cfg, path)
-        section = checked.section
+        return cls.from_checked(config.check(cfg, path))
+
+    @classmethod
+    def from_checked(cls, checked: Checked) -> Plan:
+        """The plan of a checked YAML: its model folder, manifests, task files and resume point fetched and checked
+        (``cpt.train`` takes the run's lock before, so that a second launch is refused before any download)."""
+        path, section = checked.path, checked.section
         storage.set_retry_limit(section.s3_retry_s)  # every S3 call of this process from here on
         try:
             model_dir = model.resolve_folder(section.model)
@@ -96,7 +100,6 @@ class Plan:
             staging=os.path.join(cache, "staging") if staged else None,
             resume=resume,
             init=init,
-            lock=save,
         )
 
     @property

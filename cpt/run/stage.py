@@ -14,7 +14,7 @@ import logging
 from composer.core import Callback, State
 from composer.loggers import Logger
 
-from cpt.config import ConfigError
+from cpt.spec import ConfigError
 
 log = logging.getLogger(__name__)
 

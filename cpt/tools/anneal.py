@@ -9,11 +9,9 @@ branch's end. It resumes after preemption like any run; the trunk's folder is on
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
-import shlex
 from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
@@ -22,6 +20,7 @@ from cpt import config
 from cpt.io import storage, untrusted
 from cpt.optim.schedules import ANNEAL_SHAPES
 from cpt.run import checkpoints, stage
+from cpt.spec import CARRY
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +35,7 @@ class Branch:
     m_start: float  # the trunk's LR multiplier there
 
     def command(self, gpus: int) -> str:
-        if gpus > 1:
-            return shlex.join(["composer", "-n", str(gpus), "-m", "cpt.train", self.path])
-        return shlex.join(["python", "-m", "cpt.train", self.path])
+        return config.launch_command(self.path, gpus)
 
 
 def sibling(save_folder: str, trunk: str, branch: str) -> str:
@@ -58,14 +55,7 @@ def recorded_launch(trunk_folder: str) -> DictConfig:
     spec = stage.read_run_spec(trunk_folder)
     if spec is None:
         raise ValueError(f"{trunk_folder} is not the save folder of a cpt run ({stage.RUN_SPEC} is missing)")
-    try:
-        cfg = OmegaConf.merge(OmegaConf.create(spec["yaml"]), OmegaConf.from_dotlist(spec["overrides"]))
-    except Exception as exc:  # noqa: BLE001 - omegaconf's parse errors, whatever their class
-        raise untrusted.UntrustedError(
-            f"{where}: the recorded YAML does not parse: {' '.join(str(exc).split())}"[:400]
-        ) from None
-    if not isinstance(cfg, DictConfig):
-        raise untrusted.UntrustedError(f"{where}: the recorded YAML is not a mapping")
+    cfg = config.compose(spec["yaml"], spec["overrides"], where)
     untrusted.granted(cfg, where)
     run_dir = OmegaConf.select(cfg, "cpt.run_dir", default=None)
     if run_dir is not None:  # relative, inside the working directory
@@ -83,12 +73,8 @@ def plan_branch(
         raise ValueError(f"--shape {shape!r}: one of {', '.join(ANNEAL_SHAPES)}")
     trunk_folder = untrusted.folder(trunk_folder)
     cfg = recorded_launch(trunk_folder)
-    resolved = copy.deepcopy(cfg)
-    try:
-        OmegaConf.resolve(resolved)
-    except Exception as exc:  # noqa: BLE001
-        raise untrusted.UntrustedError(f"{trunk_folder}/{stage.RUN_SPEC}: {' '.join(str(exc).split())}"[:400]) from None
-    trunk = config.check(resolved, f"{trunk_folder}/{stage.RUN_SPEC}")
+    where = storage.join(trunk_folder, stage.RUN_SPEC)
+    trunk = config.check(config.resolved(cfg, where), where)
     recorded = trunk.save_folder and untrusted.folder(trunk.save_folder)
     if recorded and recorded != trunk_folder:
         log.warning("%s records the save folder %s: the branch derives from %s", stage.RUN_SPEC, recorded, trunk_folder)
@@ -110,23 +96,19 @@ def plan_branch(
     save = untrusted.folder(sibling(trunk_folder, trunk.run_name, name))
     if untrusted.inside(save, trunk_folder):
         raise ValueError(f"the branch's save folder {save} would be the trunk's, or inside it")
-    if OmegaConf.select(cfg, "variables.run_name") is not None:
-        cfg.variables.run_name = name
-    cfg.run_name = name
+    config.rename(cfg, name)
     cfg.save_folder = save
     cfg.max_duration = f"{ck.batch + batches}ba"
     OmegaConf.update(cfg, "scheduler", {
         "name": "cpt_anneal", "t_start": f"{ck.batch}ba", "t_length": f"{batches}ba", "m_start": m_start,
         "alpha_f": alpha_f, "shape": shape,
     }, merge=False)  # fmt: skip
-    OmegaConf.update(
-        cfg, "cpt.init", {"from": storage.join(trunk_folder, ck.name), "carry": list(config.CARRY)}, merge=False
-    )
+    OmegaConf.update(cfg, "cpt.init", {"from": storage.join(trunk_folder, ck.name), "carry": list(CARRY)}, merge=False)
     if OmegaConf.select(cfg, "cpt.from_scratch"):
         cfg.cpt.from_scratch = False  # a trunk trained from scratch: the branch starts from its checkpoint
-    check = copy.deepcopy(cfg)
-    OmegaConf.resolve(check)
-    config.check(check, f"branch {name}")  # the branch's YAML is a valid run before it is written
+    config.check(
+        config.resolved(cfg, f"branch {name}"), f"branch {name}"
+    )  # the branch's YAML is a valid run before it is written
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, f"{name}.yaml")
     OmegaConf.save(cfg, path)

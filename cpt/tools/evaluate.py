@@ -30,10 +30,11 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from cpt import config, model
-from cpt.config import ConfigError, Task
 from cpt.eval import tasks as task_files
 from cpt.io import storage
 from cpt.run import checkpoints
+from cpt.spec import ConfigError, Task
+from cpt.tools.figures import pyplot, save
 
 METRICS = {  # kind -> lm-eval's metrics reported
     "language_modeling": ("acc", "perplexity"),
@@ -198,10 +199,7 @@ def _write(results: dict, tasks: dict[str, Task], out: str, spec: str) -> None:
 
 
 def _png(results: dict, tasks: dict[str, Task], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4))
     points = sorted((r["batch"], r) for r in results.values() if r["batch"] is not None)
@@ -210,6 +208,4 @@ def _png(results: dict, tasks: dict[str, Task], path: str) -> None:
     ax.set(title="task accuracy (lm-eval acc) by checkpoint", xlabel="batch", ylabel="accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from cpt.eval.tasks import PREFIX as TASKS
 from cpt.io import storage, untrusted
-from cpt.optim.preview import token_axis
+from cpt.tools.figures import pyplot, save, token_axis
 
 CE = "LanguageCrossEntropy"
 EARLY = 0.25  # "at first": each run's first quarter (from batch 2: batches 0 and 1 of a re-warm train at LR 0)
@@ -124,32 +124,6 @@ def _with_trunk(run: Run, key: str, by_label: dict[str, Run], branch_of: dict[st
     return ([before[-1]] if before and before[-1][0] < s[0][0] else []) + s
 
 
-def _families_png(runs, datasets, all_key, styles, branch_of, by_label, path, axis) -> None:
-    """Each trunk from just before its first branch on, with its branches: where the branches differ."""
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, ds in zip(axes, datasets):
-        key = all_key.format(ds)
-        for trunk in sorted(set(branch_of.values())):
-            family = [by_label[trunk]] + [by_label[b] for b, t in branch_of.items() if t == trunk]
-            starts = [branch_point(r.label) or s[0][0] for r in family[1:] if (s := r.series(key))]
-            if not starts:
-                continue
-            earlier = [b for b, _, _ in by_label[trunk].series(key) if b < min(starts)]
-            first = earlier[-1] if earlier else min(starts)
-            for run in family:
-                s = [p for p in _with_trunk(run, key, by_label, branch_of) if p[0] >= first]
-                xs, ys = [t / axis[0] for _, t, _ in s], [v for _, _, v in s]
-                ax.plot(xs, ys, marker=".", label=run.label, **styles[run.label])
-        ax.set(title=f"{ds}: trunks and their anneal branches", xlabel=axis[1], ylabel="cross-entropy")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def lr_key(run: Run) -> str | None:
     keys = sorted({k for r in run.rows.values() for k in r if k.startswith("lr-")})
     return keys[0] if keys else None
@@ -235,53 +209,76 @@ def directions(numbers: dict[str, dict], baseline: str, lrs: dict[str, float | N
     }
 
 
-def _write(
-    runs: list[Run], out: str, upstream: str | None, downstream: str | None, baseline: str | None, early: float
-) -> None:
-    import matplotlib
+@dataclass
+class _Canvas:
+    """What every figure of a report shares: the runs, their styles and families, the token axis."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    runs: list[Run]
+    up: str
+    down: str
+    styles: dict
+    branch_of: dict[str, str]
+    by_label: dict[str, Run]
+    scale: float
+    xlabel: str
 
-    up, down = pick_pair(runs, upstream, downstream)
-    os.makedirs(out, exist_ok=True)
-    scale, xlabel = token_axis(max((r.get("tokens", 0) for run in runs for r in run.rows.values()), default=0))
-    all_key = "metrics/eval/{}/all/" + CE
-    styles, branch_of, by_label = _family_style(runs), families(runs), {r.label: r for r in runs}
+    def series(self, run: Run, key: str) -> tuple[list[float], list[float]]:
+        """A run's ``key`` against tokens (a branch from its trunk's last point before it)."""
+        s = _with_trunk(run, key, self.by_label, self.branch_of)
+        return [t / self.scale for _, t, _ in s], [v for _, _, v in s]
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for run in runs:
-        for ax, ds in zip(axes, (up, down)):
-            s = _with_trunk(run, all_key.format(ds), by_label, branch_of)
-            xs, ys = [t / scale for _, t, _ in s], [v for _, _, v in s]
-            ax.plot(xs, ys, marker=".", label=run.label, **styles[run.label])
-    for ax, ds, what in zip(axes, (up, down), ("upstream", "downstream")):
-        ax.set(title=f"{what} ({ds}) validation loss", xlabel=xlabel, ylabel="cross-entropy")
+
+ALL = "metrics/eval/{}/all/" + CE
+
+
+def _loss_png(c: _Canvas, path: str) -> None:
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4))
+    for run in c.runs:
+        for ax, ds in zip(axes, (c.up, c.down)):
+            ax.plot(*c.series(run, ALL.format(ds)), marker=".", label=run.label, **c.styles[run.label])
+    for ax, ds, what in zip(axes, (c.up, c.down), ("upstream", "downstream")):
+        ax.set(title=f"{what} ({ds}) validation loss", xlabel=c.xlabel, ylabel="cross-entropy")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "loss.png"), dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
-    if branch_of:
-        families_png = os.path.join(out, "families.png")
-        _families_png(runs, (up, down), all_key, styles, branch_of, by_label, families_png, (scale, xlabel))
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for run in runs:
+def _families_png(c: _Canvas, path: str) -> None:
+    """Each trunk from just before its first branch on, with its branches: where the branches differ."""
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4))
+    for ax, ds in zip(axes, (c.up, c.down)):
+        key = ALL.format(ds)
+        for trunk in sorted(set(c.branch_of.values())):
+            family = [c.by_label[trunk]] + [c.by_label[b] for b, t in c.branch_of.items() if t == trunk]
+            starts = [branch_point(r.label) or s[0][0] for r in family[1:] if (s := r.series(key))]
+            if not starts:
+                continue
+            earlier = [b for b, _, _ in c.by_label[trunk].series(key) if b < min(starts)]
+            first = earlier[-1] if earlier else min(starts)
+            for run in family:
+                s = [p for p in _with_trunk(run, key, c.by_label, c.branch_of) if p[0] >= first]
+                xs, ys = [t / c.scale for _, t, _ in s], [v for _, _, v in s]
+                ax.plot(xs, ys, marker=".", label=run.label, **c.styles[run.label])
+        ax.set(title=f"{ds}: trunks and their anneal branches", xlabel=c.xlabel, ylabel="cross-entropy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    save(fig, path)
+
+
+def _lr_png(c: _Canvas, path: str) -> None:
+    fig, ax = pyplot().subplots(figsize=(7, 3.5))
+    for run in c.runs:
         key = lr_key(run)
         if key:
-            s = _with_trunk(run, key, by_label, branch_of)
-            ax.plot([t / scale for _, t, _ in s], [v for _, _, v in s], label=run.label, **styles[run.label])
-    ax.set(title="learning rate", xlabel=xlabel, ylabel="LR")
+            ax.plot(*c.series(run, key), label=run.label, **c.styles[run.label])
+    ax.set(title="learning rate", xlabel=c.xlabel, ylabel="LR")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "lr.png"), dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
-    numbers = summarize(runs, up, down, early)
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+
+def _forgetting_png(c: _Canvas, numbers: dict, path: str) -> None:
+    fig, ax = pyplot().subplots(figsize=(5.5, 4.5))
     for label, v in numbers.items():
         du, dd = v["forgetting"], -v["adaptation"]
         ax.scatter(dd, du)
@@ -290,34 +287,51 @@ def _write(
     ax.axvline(0, color="grey", lw=0.8)
     ax.set(
         title="forgetting vs adaptation",
-        xlabel=f"change in downstream loss ({down})",
-        ylabel=f"change in upstream loss ({up})",
+        xlabel=f"change in downstream loss ({c.down})",
+        ylabel=f"change in upstream loss ({c.up})",
     )
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "forgetting.png"), dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
+
+def _tasks_png(c: _Canvas, tasks: list[str], path: str) -> None:
+    cols = min(3, len(tasks))
+    rows_ = math.ceil(len(tasks) / cols)
+    fig, axes = pyplot().subplots(rows_, cols, figsize=(4.2 * cols, 3.3 * rows_), squeeze=False)
+    for ax, task in zip(axes.flat, tasks):
+        for run in c.runs:
+            if task in run.tasks():
+                ax.plot(*c.series(run, run.tasks()[task]), marker=".", label=run.label, **c.styles[run.label])
+        ax.set(title=task, xlabel=c.xlabel, ylabel="accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(tasks) :]:
+        ax.axis("off")
+    save(fig, path)
+
+
+def _write(
+    runs: list[Run], out: str, upstream: str | None, downstream: str | None, baseline: str | None, early: float
+) -> None:
+    up, down = pick_pair(runs, upstream, downstream)
+    os.makedirs(out, exist_ok=True)
+    scale, xlabel = token_axis(max((r.get("tokens", 0) for run in runs for r in run.rows.values()), default=0))
+    branch_of = families(runs)
+    c = _Canvas(runs, up, down, _family_style(runs), branch_of, {r.label: r for r in runs}, scale, xlabel)
+    _loss_png(c, os.path.join(out, "loss.png"))
+    if branch_of:
+        _families_png(c, os.path.join(out, "families.png"))
+    _lr_png(c, os.path.join(out, "lr.png"))
+    numbers = summarize(runs, up, down, early)
+    _forgetting_png(c, numbers, os.path.join(out, "forgetting.png"))
     tasks = sorted(set().union(*(r.tasks() for r in runs)))
     if tasks:
-        cols = min(3, len(tasks))
-        rows_ = math.ceil(len(tasks) / cols)
-        fig, axes = plt.subplots(rows_, cols, figsize=(4.2 * cols, 3.3 * rows_), squeeze=False)
-        for ax, task in zip(axes.flat, tasks):
-            for run in runs:
-                if task in run.tasks():
-                    s = _with_trunk(run, run.tasks()[task], by_label, branch_of)
-                    ax.plot([t / scale for _, t, _ in s], [v for _, _, v in s], marker=".", label=run.label,
-                            **styles[run.label])  # fmt: skip
-            ax.set(title=task, xlabel=xlabel, ylabel="accuracy")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        for ax in list(axes.flat)[len(tasks) :]:
-            ax.axis("off")
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "tasks.png"), dpi=110)
-        plt.close(fig)
+        _tasks_png(c, tasks, os.path.join(out, "tasks.png"))
+    _summary_md(c, numbers, tasks, baseline, early, os.path.join(out, "summary.md"))
 
+
+def _summary_md(c: _Canvas, numbers: dict, tasks: list[str], baseline: str | None, early: float, path: str) -> None:
+    runs, up, down, branch_of = c.runs, c.up, c.down, c.branch_of
     lines = [
         "# cpt report",
         "",
@@ -373,5 +387,5 @@ def _write(
         lines += ["![task accuracy](tasks.png)", ""]
     if branch_of:
         lines += ["![trunks and their branches](families.png)", ""]
-    with open(os.path.join(out, "summary.md"), "w") as fh:
+    with open(path, "w") as fh:
         fh.write("\n".join(lines))

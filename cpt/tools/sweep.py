@@ -8,15 +8,13 @@ save folder), and its full config is written to ``<out>/<run>.yaml``: the launch
 
 from __future__ import annotations
 
-import copy
 import os
-import shlex
 from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
 from cpt import config
-from cpt.config import SAFE_NAME, ConfigError
+from cpt.spec import SAFE_NAME, ConfigError
 
 
 @dataclass
@@ -27,9 +25,7 @@ class SweepRun:
 
     def resolved(self) -> DictConfig:
         """The config as the run will see it (for checks and previews; never written)."""
-        out = copy.deepcopy(self.cfg)
-        OmegaConf.resolve(out)
-        return out
+        return config.resolved(self.cfg, self.path)
 
 
 def load_group(path: str, out: str) -> list[SweepRun]:
@@ -50,26 +46,19 @@ def load_group(path: str, out: str) -> list[SweepRun]:
         target = os.path.join(out, f"{name}.yaml")
         if os.path.dirname(os.path.abspath(target)) != os.path.abspath(out):
             raise ConfigError(f"{path}: runs.{name}: its config would be written outside {out}")
-        cfg = OmegaConf.load(base)
+        with open(base) as fh:
+            cfg = config.compose(fh.read(), [], base)
         base_name = OmegaConf.select(cfg, "variables.run_name") or cfg.get("run_name", "run")
-        if OmegaConf.select(cfg, "variables.run_name") is not None:
-            cfg.variables.run_name = f"{base_name}-{name}"
-        else:
-            cfg.run_name = f"{base_name}-{name}"
+        config.rename(cfg, f"{base_name}-{name}")
         for key, value in (overrides or {}).items():
             OmegaConf.update(cfg, key, value, merge=False)
         run = SweepRun(name, cfg, target)
         try:
             run.resolved()
-        except Exception as exc:
+        except ConfigError as exc:
             raise ConfigError(f"{path}: runs.{name}: {exc}") from exc
         runs.append(run)
     return runs
-
-
-def launch_command(run: SweepRun, gpus: int) -> str:
-    """The exact command, shell-quoted: it is meant to be pasted as it is."""
-    return shlex.join(["composer", "-n", str(int(gpus)), "-m", "cpt.train", run.path])
 
 
 def sweep(path: str, out: str | None, gpus: int, dry_run: bool, png: str | None = None) -> list[SweepRun]:
@@ -79,15 +68,15 @@ def sweep(path: str, out: str | None, gpus: int, dry_run: bool, png: str | None 
     previews = []
     for run in runs:
         if dry_run:
-            from cpt.optim.preview import describe, preview
+            from cpt.tools.schedule import describe, preview
 
             previews.append(preview(config.check(run.resolved(), f"{path}: runs.{run.name}"), run.name))
             print(describe(previews[-1]))
         os.makedirs(out, exist_ok=True)
         OmegaConf.save(run.cfg, run.path)
-        print(f"{run.name}: {launch_command(run, gpus)}")
+        print(f"{run.name}: {config.launch_command(run.path, gpus)}")
     if png and previews:
-        from cpt.optim.preview import write_png
+        from cpt.tools.schedule import write_png
 
         write_png(previews, png)
         print(f"wrote {png}")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from cpt.config import Checked
 from cpt.optim.schedules import Clock, Schedule
+from cpt.tools.figures import pyplot, save, token_axis
 
 MAX_POINTS = 20_000
 
@@ -73,11 +74,7 @@ def write_csv(previews: list[Preview], path: str) -> None:
 
 
 def write_png(previews: list[Preview], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.5))
     scale, xlabel = token_axis(max(p.total_batches * p.tokens_per_batch for p in previews))
     for i, p in enumerate(previews):
@@ -100,15 +97,4 @@ def write_png(previews: list[Preview], path: str) -> None:
     ax.set_title("learning-rate schedule (the LR each batch trains at)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def token_axis(max_tokens: float) -> tuple[float, str]:
-    """A figure's token axis in the unit that fits the run: ``(divisor, label)``."""
-    for div, unit in ((1e9, "billions"), (1e6, "millions"), (1e3, "thousands")):
-        if max_tokens >= div:
-            return div, f"tokens ({unit})"
-    return 1.0, "tokens"
+    save(fig, path, dpi=120)
