@@ -148,6 +148,29 @@ def _hf_model_class():
     return CptGPTNeoXForCausalLM, SummedCrossEntropy
 
 
+KEY = "cpt_pythia"  # CptPythia's llm-foundry registry key (pyproject.toml entry point)
+
+
+def foundry_slice(folder: str, seq_len: int, section) -> dict:
+    """llm-foundry's ``model`` and ``tokenizer`` for ``CptPythia`` on a local Pythia folder (``section``: ``cpt:``)."""
+    model = {
+        "name": KEY,
+        "pretrained_model_name_or_path": folder,
+        "pretrained": not section.from_scratch,  # weights only: optimizer and clock start fresh
+        "attn_implementation": "sdpa",  # llm-foundry's default is eager
+        "use_flash_attention_2": False,
+        "trust_remote_code": section.trust_remote_code,  # llm-foundry's default is True: never implicit
+        "loss_impl": section.loss.impl,  # cpt.loss: the loss without the full logits
+        "loss_chunk": section.loss.chunk,
+        "use_train_metrics": False,  # the train loss is logged anyway; metrics on 50k-vocab logits cost a pass
+    }
+    tokenizer = {
+        "name": folder,
+        "kwargs": {"model_max_length": seq_len, "pad_token": PAD, "trust_remote_code": section.trust_remote_code},
+    }
+    return {"model": model, "tokenizer": tokenizer}
+
+
 @functools.cache
 def _composer_model_class():
     import torch

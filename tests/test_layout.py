@@ -90,3 +90,21 @@ def test_readme_layout_names_every_module():
     files = {str(p.relative_to(ROOT)) for p in PKG.rglob("*.py") if p.name != "__init__.py"}
     assert not files - named, f"modules missing from README's layout: {sorted(files - named)}"
     assert not named - files, f"README's layout names modules that do not exist: {sorted(named - files)}"
+
+
+def test_every_registry_entry_point_names_the_class_whose_key_it_is():
+    """llm-foundry finds cpt's components by the keys the run plan writes (``wire``): each entry point in
+    pyproject.toml must name the class that carries that key."""
+    import importlib
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]
+    checked = 0
+    for group in ("llmfoundry_callbacks", "llmfoundry_loggers", "llmfoundry_models"):
+        for key, target in project[group].items():
+            module, _, attr = target.partition(":")
+            mod = importlib.import_module(module)
+            owner = mod if attr == "CptPythia" else getattr(mod, attr)
+            assert owner.KEY == key, f"{target} carries the key {owner.KEY!r}, registered as {key!r}"
+            checked += 1
+    assert checked == 11  # 9 callbacks, 1 logger, 1 model

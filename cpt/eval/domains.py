@@ -81,6 +81,8 @@ class DomainMetrics(Callback):
     ranks), so ``all`` is exactly the cross-entropy over every evaluated token.
     """
 
+    KEY = "cpt_domain_metrics"  # its llm-foundry registry key (pyproject.toml entry point)
+
     def __init__(self, blends: dict | None = None):
         self.blends = blends or {}
         self._seen: dict[str, dict[str, tuple[float, int]]] = {}
@@ -134,6 +136,8 @@ class EvalCadence(Callback):
     ``examples`` set, enough batches of its own loader for that many examples. Applied after the checkpoint is
     loaded.
     """
+
+    KEY = "cpt_eval_cadence"  # its llm-foundry registry key (pyproject.toml entry point)
 
     def __init__(
         self,

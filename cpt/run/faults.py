@@ -65,6 +65,8 @@ def upload_progress(name: str, nbytes: int):
 class Faults(Callback):
     """Added to the run's callbacks by the run plan (``Plan.to_foundry``) when ``CPT_FAULT`` is set."""
 
+    KEY = "cpt_faults"  # its llm-foundry registry key (pyproject.toml entry point)
+
     def __init__(self, save_folder: str | None = None):
         self.point, self.batch = planned() or ("", -1)
         self.save_folder = save_folder

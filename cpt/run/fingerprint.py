@@ -47,6 +47,8 @@ def stored(state: dict) -> str | None:
 class FingerprintGuard(Callback):
     """Stores the data fingerprint in every checkpoint; refuses to resume onto different data."""
 
+    KEY = "cpt_fingerprint"  # its llm-foundry registry key (pyproject.toml entry point)
+
     def __init__(self, fingerprint: str, allow_change: bool = False):
         self.fingerprint, self.allow_change = fingerprint, allow_change
 

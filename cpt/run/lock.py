@@ -115,6 +115,8 @@ class RunLock(Callback):
     stall it, nor it training) and releases the lock when training ends. A failed refresh of any kind is
     logged and tried again at the next beat; a lock taken by another launch stops this one at its next batch."""
 
+    KEY = "cpt_run_lock"  # its llm-foundry registry key (pyproject.toml entry point)
+
     def __init__(self, save_folder: str, every_s: float = 30.0):
         self.save_folder, self.every_s = save_folder, every_s
         self._stop = threading.Event()

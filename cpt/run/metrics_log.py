@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 
 class MetricsJSONL(LoggerDestination):
+    KEY = "cpt_jsonl"  # its llm-foundry registry key (pyproject.toml entry point)
+
     def __init__(self, path: str, remote: str | None = None):
         self.path, self.remote = path, remote
         self._state: State | None = None
@@ -94,6 +96,8 @@ def first_lrs(state: State) -> dict[str, float]:
 class ConfigLog(Callback):
     """Prints the run's config and logs it as hyperparameters, with secrets masked (``cpt.io.redact``); in
     place of llm-foundry's ``log_config``, which prints every resolved value."""
+
+    KEY = "cpt_config_log"  # its llm-foundry registry key (pyproject.toml entry point)
 
     def __init__(self, config: dict):
         self.config = config

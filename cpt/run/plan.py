@@ -8,6 +8,7 @@ reads the plan's fields; llm-foundry's config is an output, never read back.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import os
 from dataclasses import dataclass
@@ -24,7 +25,12 @@ from cpt.io.cache import cache_dir
 from cpt.run import checkpoints, faults, mfu, stage
 from cpt.run import fingerprint as fingerprints
 from cpt.run.checkpoints import Checkpoint
-from cpt.run.fingerprint import fingerprint
+from cpt.run.faults import Faults
+from cpt.run.fingerprint import FingerprintGuard, fingerprint
+from cpt.run.lock import RunLock
+from cpt.run.metrics_log import ConfigLog, MetricsJSONL
+from cpt.run.samples import SampleLog
+from cpt.run.upload import CheckpointUpload
 
 
 @dataclass(frozen=True)
@@ -108,70 +114,70 @@ class Plan:
         return self.resume is not None and self.resume.batch >= self.checked.total_batches
 
     def to_foundry(self) -> DictConfig:
-        """llm-foundry's train config: the YAML without ``cpt:``, plus what cpt builds from the plan."""
+        """llm-foundry's train config: the YAML without ``cpt:``, plus each component's slice (``wire``)."""
         checked, section = self.checked, self.checked.section
         out = copy.deepcopy(checked.cfg)
         del out["cpt"]
-        seq_len = checked.seq_len
-        out.model = {
-            "name": "cpt_pythia",
-            "pretrained_model_name_or_path": self.model_dir,
-            "pretrained": not section.from_scratch,  # weights only: optimizer and clock start fresh
-            "attn_implementation": "sdpa",
-            "use_flash_attention_2": False,
-            "trust_remote_code": section.trust_remote_code,  # llm-foundry's default is True: never implicit
-            "loss_impl": section.loss.impl,  # cpt.loss: the loss without the full logits
-            "loss_chunk": section.loss.chunk,
-            "use_train_metrics": False,  # the train loss is logged anyway; metrics on 50k-vocab logits cost a pass
-        }
-        out.tokenizer = {
-            "name": self.model_dir,
-            "kwargs": {
-                "model_max_length": seq_len,
-                "pad_token": model.PAD,
-                "trust_remote_code": section.trust_remote_code,
-            },
-        }
-        out.train_loader = mixture.train_loader(section, seq_len, self.cache)
-        out.scheduler.tokens_per_batch = checked.clock.tokens_per_batch
+        out.merge_with(model.foundry_slice(self.model_dir, checked.seq_len, section))
+        out.train_loader = mixture.train_loader(section, checked.seq_len, self.cache)
+        out.scheduler.tokens_per_batch = checked.clock.tokens_per_batch  # derived once, in config.check
         callbacks = dict(out.get("callbacks") or {})
+        self._evaluation(out, callbacks)
+        self._checkpoints(out, callbacks)
+        self._start(out, callbacks)
+        out.loggers = self._loggers(dict(out.get("loggers") or {}))
+        if faults.planned():
+            callbacks.update(wire(Faults, save_folder=out.get("save_folder")))
+        if section.log_samples:
+            callbacks.update(wire(SampleLog, folder=self.run_dir))
+        peak = mfu.current_peak(str(checked.cfg.get("precision", "fp32")))
+        if peak:  # MFU in every run on a known GPU (Composer's own table misses some)
+            monitor = dict(callbacks.get("speed_monitor") or {"window_size": 10})
+            monitor.setdefault("gpu_flops_available", peak)
+            callbacks["speed_monitor"] = monitor
+        callbacks.update(
+            wire(FingerprintGuard, fingerprint=self.fingerprint, allow_change=section.allow_fingerprint_change)
+        )
+        out.log_config = False  # llm-foundry's prints every resolved value: cpt_config_log masks secrets
+        out.callbacks = callbacks
+        shown = OmegaConf.to_container(out, resolve=True)
+        out.callbacks.update(wire(ConfigLog, config=redact.config({**shown, "cpt": self._section_shown()})))
+        return out
+
+    def _evaluation(self, out: DictConfig, callbacks: dict) -> None:
+        section = self.checked.section
         if section.eval.datasets:
-            out.eval_loaders = domains.eval_loaders(section, self.eval_manifests, seq_len, self.cache)
-            callbacks["cpt_domain_metrics"] = {"blends": domains.blend_weights(section, self.eval_manifests)}
+            out.eval_loaders = domains.eval_loaders(section, self.eval_manifests, self.checked.seq_len, self.cache)
+            callbacks.update(wire(domains.DomainMetrics, blends=domains.blend_weights(section, self.eval_manifests)))
         if section.eval.tasks:
             out.icl_tasks = tasks.icl_tasks(section, self.task_files)
         if section.eval.datasets or section.eval.tasks:
             out.eval_first = section.eval.first
-            callbacks["cpt_eval_cadence"] = cadence(checked)
-        save = checked.save_folder
-        loggers = dict(out.get("loggers") or {})
-        if "mlflow" in loggers:
-            # Composer's MLflow logger drops a value equal to the previous one for 100 steps: an accuracy that
-            # holds still would lose its points. Every evaluation is kept unless the YAML says otherwise.
-            loggers["mlflow"] = {"log_duplicated_metric_every_n_steps": 1, **(loggers["mlflow"] or {})}
-        loggers["cpt_jsonl"] = {
-            "path": os.path.join(self.run_dir, "metrics.jsonl"),
-            "remote": save if save and storage.is_s3(save) else None,
-        }
-        out.loggers = loggers
+            callbacks.update(wire(domains.EvalCadence, **cadence(self.checked)))
+
+    def _checkpoints(self, out: DictConfig, callbacks: dict) -> None:
+        checked, save = self.checked, self.checked.save_folder
         out.autoresume = False  # cpt's resume rule (cpt.run.checkpoints), for monolithic and sharded alike
-        if save:
-            out.save_folder = self.staging or save  # Composer writes locally; cpt_checkpoint_upload uploads
-            out.save_filename = checkpoints.SAVE_FILENAME
-            out.save_num_checkpoints_to_keep = -1  # trimming is cpt_checkpoint_upload's (cpt.keep_checkpoints)
-            if checked.sharded:
-                out.fsdp_config.sharded_ckpt_prefix_dir = checkpoints.SHARDED_PREFIX
-            callbacks["cpt_checkpoint_upload"] = {
-                "save_folder": save,
-                "staging": self.staging,
-                "keep": section.keep_checkpoints,
-                "sharded": checked.sharded,
-            }
-            callbacks["cpt_run_lock"] = {"save_folder": save}
+        if not save:
+            return
+        out.save_folder = self.staging or save  # Composer writes locally; CheckpointUpload uploads
+        out.save_filename = checkpoints.SAVE_FILENAME
+        out.save_num_checkpoints_to_keep = -1  # trimming is CheckpointUpload's (cpt.keep_checkpoints)
+        if checked.sharded:
+            out.fsdp_config.sharded_ckpt_prefix_dir = checkpoints.SHARDED_PREFIX
+        keep = checked.section.keep_checkpoints
+        callbacks.update(
+            wire(CheckpointUpload, save_folder=save, staging=self.staging, keep=keep, sharded=checked.sharded)
+        )
+        callbacks.update(wire(RunLock, save_folder=save))
+
+    def _start(self, out: DictConfig, callbacks: dict) -> None:
+        """Where the weights come from: the run's own newest checkpoint, else ``cpt.init``'s, else the base."""
+        checked = self.checked
         if self.resume is not None:
             out.load_path = self.resume.name  # the whole state: weights, optimizer, clock, data position, RNG
         elif self.init is not None:
-            carry = section.init.carry
+            carry = checked.section.init.carry
             out.load_path = self.init.name  # an earlier stage's checkpoint: only what cpt.init carries
             if carry:
                 out.load_ignore_keys = stage.ignore_keys(carry)
@@ -180,25 +186,17 @@ class Plan:
             if "optimizer" in carry:  # the old stage's LR comes with it: this stage's, at its first batch
                 first = float(self.init.batch if "clock" in carry else 0)
                 multiplier = checked.scheduler.multiplier(first, checked.clock)
-                callbacks["cpt_stage_lr"] = {"lr": checked.lr, "multiplier": multiplier}
-        if faults.planned():
-            callbacks["cpt_faults"] = {"save_folder": out.get("save_folder")}
-        if section.log_samples:
-            callbacks["cpt_sample_log"] = {"folder": self.run_dir}
-        peak = mfu.current_peak(str(checked.cfg.get("precision", "fp32")))
-        if peak:  # MFU in every run on a known GPU (Composer's own table misses some)
-            monitor = dict(callbacks.get("speed_monitor") or {"window_size": 10})
-            monitor.setdefault("gpu_flops_available", peak)
-            callbacks["speed_monitor"] = monitor
-        callbacks["cpt_fingerprint"] = {
-            "fingerprint": self.fingerprint,
-            "allow_change": section.allow_fingerprint_change,
-        }
-        out.log_config = False  # llm-foundry's prints every resolved value: cpt_config_log masks secrets
-        out.callbacks = callbacks
-        shown = OmegaConf.to_container(out, resolve=True)
-        out.callbacks["cpt_config_log"] = {"config": redact.config({**shown, "cpt": self._section_shown()})}
-        return out
+                callbacks.update(wire(stage.StageLR, lr=checked.lr, multiplier=multiplier))
+
+    def _loggers(self, loggers: dict) -> dict:
+        save = self.checked.save_folder
+        if "mlflow" in loggers:
+            # Composer's MLflow logger drops a value equal to the previous one for 100 steps: an accuracy that
+            # holds still would lose its points. Every evaluation is kept unless the YAML says otherwise.
+            loggers["mlflow"] = {"log_duplicated_metric_every_n_steps": 1, **(loggers["mlflow"] or {})}
+        remote = save if save and storage.is_s3(save) else None
+        loggers.update(wire(MetricsJSONL, path=os.path.join(self.run_dir, "metrics.jsonl"), remote=remote))
+        return loggers
 
     def _section_shown(self) -> dict:
         return OmegaConf.to_container(self.checked.cfg.cpt, resolve=True)
@@ -208,6 +206,16 @@ class Plan:
         where = self.checked.save_folder or "no save folder"
         start = f"resumes from batch {self.resume.batch}" if self.resume else "starts from the base weights"
         return f"{self.checked.run_name}: {start} ({self.model_dir}); checkpoints in {where}"
+
+
+def wire(component: type, **kwargs) -> dict:
+    """``{component.KEY: kwargs}``: one component's slice of llm-foundry's config, its arguments bound to its
+    constructor here (a mismatch fails at planning, naming the class, not inside llm-foundry)."""
+    try:
+        inspect.signature(component).bind(**kwargs)
+    except TypeError as exc:
+        raise TypeError(f"{component.__name__} ({component.KEY}): {exc}") from None
+    return {component.KEY: kwargs}
 
 
 def cadence(checked: Checked) -> dict:

@@ -21,6 +21,8 @@ def digest(tokens) -> str:
 
 
 class SampleLog(Callback):
+    KEY = "cpt_sample_log"  # its llm-foundry registry key (pyproject.toml entry point)
+
     def __init__(self, folder: str):
         self.folder = folder
         self._pending: tuple[int, list[str]] | None = None

@@ -50,6 +50,8 @@ def check_clock(batch: int, total: int, phases: list[tuple[str, float]], schedul
 class StageLR(Callback):
     """After the old stage's optimizer is loaded, every parameter group trains at this stage's LR."""
 
+    KEY = "cpt_stage_lr"  # its llm-foundry registry key (pyproject.toml entry point)
+
     def __init__(self, lr: float, multiplier: float):
         self.lr, self.multiplier = lr, multiplier
 

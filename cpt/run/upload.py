@@ -195,6 +195,8 @@ class CheckpointUpload(Callback):
     training at the next batch with an error that names the checkpoint; those already uploaded stay.
     """
 
+    KEY = "cpt_checkpoint_upload"  # its llm-foundry registry key (pyproject.toml entry point)
+
     def __init__(self, save_folder: str, staging: str | None = None, keep: int = 0, sharded: bool = False):
         self.args = (save_folder, staging, keep, sharded)
         self.uploader: Uploader | None = None
