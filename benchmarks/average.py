@@ -41,7 +41,7 @@ def write_checkpoints(folder: Path, k: int, hidden: int, layers: int) -> int:
     from composer.models import HuggingFaceModel
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from cpt.model import save_tokenizer
+    from cpt.pythia import save_tokenizer
 
     cfg = GPTNeoXConfig(
         vocab_size=50304,

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 
-from cpt.model import save_tiny_pythia
+from cpt.pythia import save_tiny_pythia
 from cpt.tools.quickstart import KEEP_FREED_MEMORY, MAX_LR, SEQ, base_config, make_corpora, quickstart, write_config
 
 

@@ -90,7 +90,7 @@ def prepare(work: Path, shape: dict) -> None:
 
     from cpt.data import synthetic
     from cpt.data.convert import convert
-    from cpt.model import save_tokenizer
+    from cpt.pythia import save_tokenizer
 
     torch.manual_seed(0)
     GPTNeoXForCausalLM(gpt_neox_config(shape)).save_pretrained(work / "model")

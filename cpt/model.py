@@ -7,6 +7,7 @@ import json
 import logging
 import os
 
+from cpt import pythia
 from cpt.io import safe_load, storage
 from cpt.io.cache import mirror
 
@@ -15,7 +16,10 @@ log = logging.getLogger(__name__)
 
 def resolve_folder(spec: str) -> str:
     """A local folder holding ``config.json``; an ``s3://`` folder is copied into the cache, and copied again
-    when its objects changed (``cpt.io.cache.mirror``)."""
+    when its objects changed (``cpt.io.cache.mirror``); ``pythia:<size>`` is that architecture's folder, without
+    weights (``cpt.pythia``)."""
+    if spec.startswith(pythia.PREFIX):
+        return pythia.folder(spec)
 
     def has_config(keys: list[str]) -> None:
         if "config.json" not in keys:
@@ -249,43 +253,3 @@ def __getattr__(name: str):  # the entry point names cpt.model:CptPythia; built 
     raise AttributeError(name)
 
 
-def tiny_config(seq_len: int = 256, layers: int = 2, hidden: int = 64):
-    from transformers import GPTNeoXConfig
-
-    return GPTNeoXConfig(
-        vocab_size=50304,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        intermediate_size=4 * hidden,
-        max_position_embeddings=seq_len,
-        rotary_pct=0.25,
-        use_parallel_residual=True,
-        tie_word_embeddings=False,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-
-
-def save_tokenizer(folder: str) -> None:
-    """Pythia's tokenizer files, as a Pythia step folder has them (no pad token: set at load time)."""
-    from transformers import GPTNeoXTokenizerFast
-
-    tok = GPTNeoXTokenizerFast(
-        tokenizer_file=os.path.join(os.path.dirname(__file__), "assets", "tokenizer.json"),
-        bos_token="<|endoftext|>",
-        eos_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
-    )
-    tok.save_pretrained(folder)
-
-
-def save_tiny_pythia(folder: str, seed: int = 0, seq_len: int = 256, layers: int = 2, hidden: int = 64) -> str:
-    """A tiny GPT-NeoX with Pythia's vocabulary, saved as a Pythia step folder (weights + tokenizer)."""
-    import torch
-    from transformers import GPTNeoXForCausalLM
-
-    torch.manual_seed(seed)
-    GPTNeoXForCausalLM(tiny_config(seq_len, layers, hidden)).save_pretrained(folder)
-    save_tokenizer(folder)
-    return folder

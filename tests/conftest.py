@@ -203,7 +203,7 @@ def sample_jsonl() -> Path:
 @pytest.fixture(scope="session")
 def tiny_pythia(tmp_path_factory) -> str:
     """A 2-layer GPT-NeoX with Pythia's vocabulary, saved like a Pythia step folder."""
-    from cpt.model import save_tiny_pythia
+    from cpt.pythia import save_tiny_pythia
 
     out = tmp_path_factory.mktemp("pythia-tiny") / "step143000"
     save_tiny_pythia(str(out), seed=0)

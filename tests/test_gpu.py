@@ -34,7 +34,8 @@ def test_export_of_a_real_fsdp_sharded_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cpt.cli import main
-    from cpt.model import CptPythia, save_tiny_pythia
+    from cpt.model import CptPythia
+    from cpt.pythia import save_tiny_pythia
 
     src = save_tiny_pythia(str(tmp_path / "step143000"), seed=3, seq_len=128)
     tokenizer = AutoTokenizer.from_pretrained(src, pad_token="<|padding|>")
@@ -133,7 +134,8 @@ def test_sharded_fsdp_checkpoints_go_through_cpts_upload_and_resume_rule(tmp_pat
     from transformers import AutoTokenizer
 
     from cpt.io import storage
-    from cpt.model import CptPythia, save_tiny_pythia
+    from cpt.model import CptPythia
+    from cpt.pythia import save_tiny_pythia
     from cpt.run import checkpoints
     from cpt.run.upload import CheckpointUpload
 

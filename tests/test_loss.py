@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cpt import loss as fused
-from cpt.model import save_tiny_pythia
+from cpt.pythia import save_tiny_pythia
 
 TOL = 1e-5
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import filecmp
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 RESOLVE = """
 import logging, sys
@@ -44,7 +47,8 @@ def test_a_model_folder_reuploaded_to_the_same_path_is_fetched_again(tmp_path, s
     from safetensors.torch import load_file
 
     from cpt.io import storage
-    from cpt.model import resolve_folder, save_tiny_pythia
+    from cpt.model import resolve_folder
+    from cpt.pythia import save_tiny_pythia
 
     url = f"{s3_bucket}/pythia/step1"
     first, second = save_tiny_pythia(str(tmp_path / "a"), seed=1), save_tiny_pythia(str(tmp_path / "b"), seed=2)
@@ -65,3 +69,37 @@ def test_a_model_folder_reuploaded_to_the_same_path_is_fetched_again(tmp_path, s
     weights = load_file(f"{got}/model.safetensors")
     assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in expected)
     assert not all(torch.equal(weights[k], load_file(f"{first}/model.safetensors")[k]) for k in expected)
+
+
+@pytest.mark.parametrize(
+    "name, total, non_embedding",
+    [("70m", 70_426_624, 18_915_328), ("160m", 162_322_944, 85_056_000), ("410m", 405_334_016, 302_311_424)],
+)
+def test_pythia_architectures_by_name_have_the_papers_parameter_counts(name, total, non_embedding):
+    """Counts from the Pythia paper's table (Biderman et al. 2023), against a model built from the name."""
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from cpt import pythia
+
+    with torch.device("meta"):
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(**pythia.config(name)))
+    params = sum(p.numel() for p in model.parameters())
+    embeddings = model.gpt_neox.embed_in.weight.numel() + model.embed_out.weight.numel()
+    assert (params, params - embeddings) == (total, non_embedding)
+
+
+def test_a_run_from_scratch_names_its_architecture_without_a_folder(tiny):
+    from conftest import load_tiny
+
+    from cpt.run.plan import Plan
+
+    plan = Plan.from_config(load_tiny(tiny, "variables.model=pythia:70m", "cpt.from_scratch=true"), "tiny")
+    assert (plan.model_config["hidden_size"], plan.model_config["num_hidden_layers"]) == (512, 6)
+    assert sorted(os.listdir(plan.model_dir))[:1] == ["config.json"] and "model.safetensors" not in os.listdir(
+        plan.model_dir
+    )
+    with pytest.raises(Exception, match="holds no weights"):  # continual pre-training needs weights
+        Plan.from_config(load_tiny(tiny, "variables.model=pythia:70m"), "tiny")
+    with pytest.raises(Exception, match="pythia:7b is not a Pythia size"):
+        Plan.from_config(load_tiny(tiny, "variables.model=pythia:7b", "cpt.from_scratch=true"), "tiny")

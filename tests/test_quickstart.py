@@ -43,7 +43,7 @@ def test_export_gives_the_checkpoints_logits(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cpt.cli import main
-    from cpt.model import save_tiny_pythia
+    from cpt.pythia import save_tiny_pythia
 
     src = save_tiny_pythia(str(tmp_path / "src"), seed=3)
     hf = AutoModelForCausalLM.from_pretrained(src)
@@ -71,7 +71,7 @@ def test_export_to_s3_lands_in_the_bucket(tmp_path, s3_bucket, monkeypatch, capf
 
     from cpt.cli import main
     from cpt.io import storage
-    from cpt.model import save_tiny_pythia
+    from cpt.pythia import save_tiny_pythia
 
     src = save_tiny_pythia(str(tmp_path / "src"), seed=5)
     hf = AutoModelForCausalLM.from_pretrained(src)
@@ -129,7 +129,7 @@ def test_export_of_a_sharded_checkpoint_on_s3(tmp_path, s3_bucket):
 
     from cpt.cli import main
     from cpt.io import storage
-    from cpt.model import save_tiny_pythia
+    from cpt.pythia import save_tiny_pythia
 
     src = save_tiny_pythia(str(tmp_path / "src"), seed=4)
     hf = AutoModelForCausalLM.from_pretrained(src)

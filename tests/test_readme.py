@@ -55,7 +55,7 @@ def test_readme_workflow(tmp_path, s3_bucket):
     from cpt.data import synthetic
     from cpt.data.convert import DOMAIN_KEYS, convert
     from cpt.io import storage
-    from cpt.model import save_tiny_pythia
+    from cpt.pythia import save_tiny_pythia
 
     bucket = s3_bucket
     # "huggingface-cli download ... && aws s3 sync ...": a Pythia-shaped folder in the README's place

@@ -17,7 +17,7 @@ import torch
 from cpt.data import synthetic
 from cpt.data.convert import DOMAIN_KEYS, convert
 from cpt.io import storage
-from cpt.model import save_tiny_pythia
+from cpt.pythia import save_tiny_pythia
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "yamls" / "tiny-cpu.yaml"

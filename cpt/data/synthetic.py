@@ -84,7 +84,7 @@ def tiny_project(
     """``tmp/data/<name>/<split>/`` MDS splits of generated text (``{name: {domain: style}}``, Pile's key) and
     ``tmp/model``, a tiny Pythia folder: the shape ``yamls/tiny-cpu.yaml`` expects."""
     from cpt.data.convert import DOMAIN_KEYS, convert
-    from cpt.model import save_tiny_pythia
+    from cpt.pythia import save_tiny_pythia
 
     key = DOMAIN_KEYS["pile"]
     tmp.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ import os
 import time
 
 from cpt.io import storage
-from cpt.model import save_tiny_pythia
+from cpt.pythia import save_tiny_pythia
 from cpt.run.checkpoints import checkpoints
 from cpt.tools import report
 from cpt.tools.anneal import plan_branch

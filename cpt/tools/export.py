@@ -46,7 +46,7 @@ def write_hf(state: dict, weights: dict, out: str, where: str) -> str:
     from composer.models.huggingface import get_hf_config_from_composer_state_dict
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from cpt.model import save_tokenizer
+    from cpt.pythia import save_tokenizer
 
     if "huggingface" not in state.get("integrations", {}):
         raise ValueError(f"{where}: not a checkpoint of a Hugging Face model (no integrations.huggingface)")

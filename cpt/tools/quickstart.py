@@ -23,7 +23,7 @@ import yaml
 from cpt.data import synthetic
 from cpt.data.convert import convert
 from cpt.io import storage
-from cpt.model import save_tiny_pythia
+from cpt.pythia import save_tiny_pythia
 from cpt.run.checkpoints import checkpoints
 from cpt.tools import report
 from cpt.tools.export import export
