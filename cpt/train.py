@@ -29,6 +29,10 @@ def train_from_yaml(path: str, overrides: list[str] | None = None):
 
     logging.basicConfig(format="%(asctime)s: %(levelname)s: %(name)s: %(message)s")
     logging.getLogger("cpt").setLevel(logging.INFO)
+    # llm-foundry announces an autoresume default it never applies here (cpt sets autoresume: false)
+    logging.getLogger("llmfoundry.command_utils.train").addFilter(
+        lambda record: "changing autoresume default" not in record.getMessage()
+    )
     checked = config.check(config.load(path, overrides), path)
     save, rank0 = checked.save_folder, os.environ.get("RANK", "0") == "0"
     storage.set_retry_limit(checked.section.s3_retry_s)  # every S3 call of this process, the lock's included

@@ -8,6 +8,7 @@ reads the plan's fields; llm-foundry's config is an output, never read back.
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import math
 import os
@@ -83,7 +84,7 @@ class Plan:
                         f"{vocab}"
                     )
         domains.blend_weights(section, evals)  # a blend naming an unknown domain fails now
-        cache = cache_dir("runs", checked.run_name)
+        cache = run_cache(checked)
         task_files = tasks.prepare(section.eval.tasks)  # a missing or malformed task file fails now
         save = checked.save_folder
         staged = bool(save) and (storage.is_s3(save) or checked.sharded)
@@ -206,6 +207,13 @@ class Plan:
         where = self.checked.save_folder or "no save folder"
         start = f"resumes from batch {self.resume.batch}" if self.resume else "starts from the base weights"
         return f"{self.checked.run_name}: {start} ({self.model_dir}); checkpoints in {where}"
+
+
+def run_cache(checked: Checked) -> str:
+    """The run's local cache: its name and where it saves (or its YAML), so two projects' runs of one name never
+    share downloads."""
+    where = checked.save_folder or os.path.abspath(checked.path)
+    return cache_dir("runs", f"{checked.run_name}-{hashlib.sha256(where.encode()).hexdigest()[:8]}")
 
 
 def wire(component: type, **kwargs) -> dict:
