@@ -17,7 +17,8 @@ import tempfile
 import time
 
 from cpt.pythia import save_tiny_pythia
-from cpt.tools.quickstart import KEEP_FREED_MEMORY, MAX_LR, SEQ, base_config, make_corpora, quickstart, write_config
+from cpt.run.cpu import KEEP_FREED_MEMORY
+from cpt.tools.quickstart import MAX_LR, SEQ, base_config, make_corpora, quickstart, write_config
 
 
 def timed(cmd: list[str], env: dict, cwd: str) -> tuple[float, float]:

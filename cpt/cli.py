@@ -247,6 +247,10 @@ def _overwrite(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None and args.fn is _train:  # the command line: a CPU run keeps freed memory (cpt.run.cpu)
+        from cpt.run.cpu import apply_on_cpu
+
+        apply_on_cpu()
     try:
         return args.fn(args)
     except config.ConfigError as exc:

@@ -251,5 +251,3 @@ def __getattr__(name: str):  # the entry point names cpt.model:CptPythia; built 
     if name == "CptPythia":
         return _composer_model_class()
     raise AttributeError(name)
-
-

@@ -18,7 +18,7 @@ import sys
 
 from cpt import config
 from cpt.io import storage, untrusted
-from cpt.run import cleanup, fingerprint, lock, stage
+from cpt.run import cleanup, cpu, fingerprint, lock, stage
 from cpt.run.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,8 @@ def train_from_yaml(path: str, overrides: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the command line: a CPU run keeps freed memory (cpt.run.cpu)
+        cpu.apply_on_cpu()
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         print("usage: python -m cpt.train CONFIG.yaml [key=value ...]", file=sys.stderr)

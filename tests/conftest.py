@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cpt.tools.quickstart import KEEP_FREED_MEMORY
+from cpt.run.cpu import KEEP_FREED_MEMORY
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

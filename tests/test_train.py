@@ -204,3 +204,22 @@ def test_logged_loss_equals_direct_loss(s3_run, dataset):
         }
         blend = sum(w[s] * direct[s][0] / direct[s][1] for s in w) / sum(w.values())
         assert last["metrics/eval/downstream/paper/LanguageCrossEntropy"] == pytest.approx(blend, rel=1e-4)
+
+
+def test_a_cpu_command_line_reexecutes_once_with_freed_memory_kept():
+    """``cpt.run.cpu.apply_on_cpu`` from a real command line: the process runs again with glibc's settings (read
+    only at start), exactly once; with the settings already there it runs as it is."""
+    from cpt.run import cpu
+
+    if cpu.has_gpu():
+        pytest.skip("a GPU machine runs as it is")
+    code = (
+        "import os; from cpt.run import cpu; print('start', flush=True); cpu.apply_on_cpu(); "
+        "print(os.environ.get('MALLOC_TOP_PAD_'))"
+    )
+    plain = {k: v for k, v in os.environ.items() if k not in cpu.KEEP_FREED_MEMORY}
+    out = subprocess.run([sys.executable, "-c", code], env=plain, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["start", "start", cpu.KEEP_FREED_MEMORY["MALLOC_TOP_PAD_"]]
+    given = {**plain, **cpu.KEEP_FREED_MEMORY}
+    out = subprocess.run([sys.executable, "-c", code], env=given, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["start", cpu.KEEP_FREED_MEMORY["MALLOC_TOP_PAD_"]]
