@@ -354,6 +354,7 @@ def _check_values(cfg: DictConfig, section: Cpt, path: str) -> None:
         ("cpt.num_workers", section.num_workers if section.num_workers is not None else 0, 0),
         ("cpt.keep_checkpoints", section.keep_checkpoints, 0),
         ("cpt.num_canonical_nodes", section.num_canonical_nodes, 1),
+        ("cpt.eval.tasks_every", section.eval.tasks_every, 1),
     ):
         if value < low:
             fail(key, value, f"must be at least {low}")

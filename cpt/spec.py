@@ -56,7 +56,8 @@ class Early:
 @dataclass
 class Eval:
     datasets: dict[str, EvalDataset] = field(default_factory=dict)
-    tasks: dict[str, Task] = field(default_factory=dict)  # task accuracy, at the same cadence as perplexity
+    tasks: dict[str, Task] = field(default_factory=dict)  # task accuracy, at every tasks_every-th evaluation
+    tasks_every: int = 1  # tasks at every Nth evaluation of perplexity, and always at the first and the last
     tokens_per_domain: int | None = None  # budget per domain per evaluation; None: the whole domain
     interval: str = "1000ba"  # every N batches
     early: Early | None = None  # denser in the run's first stretch

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -176,6 +177,8 @@ def test_tasks_follow_the_perplexity_cadence_and_the_run_is_quiet(task_run):
     assert "was called before the update method" not in log
     assert "worker processes in total" not in log  # torch's warning about more loader workers than CPUs
     assert "downloaded s3://cpt-tasks/lastword.jsonl into" in log  # S3: fetched into the cache
+    assert re.search(r"evaluation took [\d.]+ s of the [\d.]+ s since the trainer started: tasks [\d.]+ s", log)
+    assert "changing autoresume default" not in log  # llm-foundry's notice of a default cpt does not use
     assert not list(task_run["tmp"].glob("*-0.jsonl"))  # llm-foundry copied nothing into the working directory
 
 

@@ -71,3 +71,28 @@ def test_bad_configs_fail_before_training(tiny, overrides, message):
 def test_missing_s3_path_is_named(tiny, s3_bucket):
     with pytest.raises(config.ConfigError, match=f"missing manifest {s3_bucket}/nope/downstream/train/manifest.json"):
         Plan.from_config(load_tiny(tiny, f"variables.data={s3_bucket}/nope"), TINY)
+
+
+def test_tasks_run_at_every_nth_evaluation_and_at_the_first_and_the_last(tiny):
+    """cpt.eval.tasks_every: 3 with evaluations due at 2, 4, 6, 8, 16, 24 (early every 2 to batch 6, every 8)."""
+    from types import SimpleNamespace
+
+    from composer.core import Event
+
+    from cpt.config import check
+    from cpt.eval.domains import EvalCadence
+    from cpt.run.plan import cadence
+
+    cfg = load_tiny(tiny, "cpt.eval.early={until: 0.25dur, interval: 2ba}", "cpt.eval.tasks_every=3")
+    cfg.scheduler = {"name": "cpt_constant", "t_warmup": "0ba"}
+    due = EvalCadence(**cadence(check(cfg)))
+    at = lambda b, event=Event.BATCH_END: due.for_tasks(SimpleNamespace(timestamp=SimpleNamespace(batch=b)), event)  # noqa: E731
+    assert [b for b in range(1, 25) if due.due(b)] == [2, 4, 6, 8, 16, 24]
+    assert [b for b in range(1, 25) if at(b)] == [6, 24]  # the 3rd and the 6th evaluation
+    assert at(24, Event.FIT_END) is False  # the last batch was scored: not twice
+    with pytest.raises(config.ConfigError, match="cpt.eval.tasks_every=0 must be at least 1"):
+        check(load_tiny(tiny, "cpt.eval.tasks_every=0"))
+    ended_between = EvalCadence(**cadence(check(cfg)))
+    assert [b for b in range(1, 21) if ended_between.tasks_due(b)] == [6] and ended_between.for_tasks(
+        SimpleNamespace(timestamp=SimpleNamespace(batch=20)), Event.FIT_END
+    )  # a run that ends at 20: its last evaluation scores the tasks too

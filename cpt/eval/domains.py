@@ -7,8 +7,10 @@ Metric names (the contract ``cpt report`` reads):
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import time
 
 from composer.core import Callback, Event, State
 from composer.loggers import Logger
@@ -17,6 +19,8 @@ from composer.utils import dist
 from cpt.data.manifest import Manifest
 from cpt.data.mixture import loader_workers, location
 from cpt.spec import ConfigError, Cpt
+
+log = logging.getLogger(__name__)
 
 CE, PPL = "LanguageCrossEntropy", "LanguagePerplexity"
 
@@ -134,7 +138,8 @@ class EvalCadence(Callback):
 
     Also gives each evaluator its budget in batches: ``subset_num_batches`` for a domain, and for a task with
     ``examples`` set, enough batches of its own loader for that many examples. Applied after the checkpoint is
-    loaded.
+    loaded. Tasks run at every ``tasks_every``-th evaluation (``tasks_due``), and always at the first and the last.
+    At the end, the log says what share of the run's time evaluation took, tasks apart.
     """
 
     KEY = "cpt_eval_cadence"  # its llm-foundry registry key (pyproject.toml entry point)
@@ -147,10 +152,16 @@ class EvalCadence(Callback):
         peak: int | None = None,
         subset_num_batches: int = -1,
         task_examples: dict[str, int] | None = None,
+        tasks_every: int = 1,
     ):
         self.interval, self.early_until, self.early_interval = interval, early_until, early_interval
         self.peak, self.subset_num_batches = peak, subset_num_batches
         self.task_examples = task_examples or {}
+        self.tasks_every = tasks_every
+        self._counted, self._due_so_far, self._last_tasks = 0, 0, -1
+        self._timing: dict[str, float] = {"tasks": 0.0, "perplexity": 0.0}
+        self._started: float | None = None
+        self._fit_start = 0.0
 
     def due(self, batch: int) -> bool:
         """Evaluate after ``batch`` batches have trained?"""
@@ -162,15 +173,60 @@ class EvalCadence(Callback):
             return True
         return self.peak is not None and batch == self.peak
 
+    def nth(self, batch: int) -> int:
+        """How many evaluations are due from batch 1 to ``batch`` (batches only move forward)."""
+        while self._counted < batch:
+            self._counted += 1
+            self._due_so_far += self.due(self._counted)
+        return self._due_so_far
+
+    def tasks_due(self, batch: int) -> bool:
+        """Tasks after ``batch``: at every ``tasks_every``-th evaluation of perplexity."""
+        return self.due(batch) and self.nth(batch) % self.tasks_every == 0
+
     def __call__(self, state: State, event: Event) -> bool:
         if event == Event.FIT_END:
             return not self.due(int(state.timestamp.batch))  # unless the last batch was just evaluated
         return event == Event.BATCH_END and self.due(int(state.timestamp.batch))
 
+    def for_tasks(self, state: State, event: Event) -> bool:
+        batch = int(state.timestamp.batch)
+        if event == Event.FIT_END:
+            return self._last_tasks != batch  # the last evaluation always scores the tasks
+        if event == Event.BATCH_END and self.tasks_due(batch):
+            self._last_tasks = batch
+            return True
+        return False
+
+    def init(self, state: State, logger: Logger) -> None:
+        self._fit_start = time.perf_counter()  # before eval_first's evaluation
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        if int(state.timestamp.batch) == 0:
+            self._last_tasks = 0  # eval_first scores them before the first step
+
+    def eval_start(self, state: State, logger: Logger) -> None:
+        self._started = time.perf_counter()
+
+    def eval_end(self, state: State, logger: Logger) -> None:
+        if self._started is not None:
+            kind = "tasks" if str(state.dataloader_label).startswith("tasks/") else "perplexity"
+            self._timing[kind] += time.perf_counter() - self._started
+            self._started = None
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        total = max(time.perf_counter() - self._fit_start, 1e-9)
+        t, p = self._timing["tasks"], self._timing["perplexity"]
+        log.info(
+            "evaluation took %.1f s of the %.1f s since the trainer started: tasks %.1f s (%.0f%%), "
+            "perplexity %.1f s (%.0f%%)",
+            t + p, total, t, 100 * t / total, p, 100 * p / total,
+        )  # fmt: skip
+
     def after_load(self, state: State, logger: Logger) -> None:
         world = dist.get_world_size()
         for evaluator in state.evaluators:
-            evaluator.eval_interval = self
+            evaluator.eval_interval = self.for_tasks if evaluator.label.startswith("tasks/") else self
             examples = self.task_examples.get(evaluator.label)
             if examples is not None:
                 per_batch = evaluator.dataloader.dataloader.batch_size * world

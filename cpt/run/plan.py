@@ -242,6 +242,7 @@ def cadence(checked: Checked) -> dict:
             int(os.environ.get("WORLD_SIZE", "1")),
         ),
         "task_examples": tasks.examples_per_label(section),
+        "tasks_every": section.eval.tasks_every,
     }
 
 
