@@ -69,11 +69,15 @@ def test_a_trunk_and_its_branches_are_drawn_as_one_family(tmp_path):
         rows([0, 4, 8, 12], [2.0, 2.4, 2.3, 2.2], [3, 2.8, 2.6, 2.5], [0] * 4),
     )
     write(tmp_path / "runs" / "t-anneal8-cosine-4ba" / "metrics.jsonl", rows([10, 12], [2.2, 2.1], [2.4, 2.3], [0, 0]))
+    write(tmp_path / "runs" / "t-anneal4-linear-8ba" / "metrics.jsonl", rows([6, 12], [2.3, 2.2], [2.5, 2.4], [0, 0]))
     write(tmp_path / "runs" / "other" / "metrics.jsonl", rows([0, 12], [2.0, 2.5], [3.0, 2.4], [0, 0]))
-    runs = [report.load(str(tmp_path / "runs" / n)) for n in ("t", "t-anneal8-cosine-4ba", "other")]
-    assert report.families(runs) == {"t-anneal8-cosine-4ba": "t"}
+    names = ("t", "t-anneal8-cosine-4ba", "other", "t-anneal4-linear-8ba")
+    runs = [report.load(str(tmp_path / "runs" / n)) for n in names]
+    assert report.families(runs) == {"t-anneal8-cosine-4ba": "t", "t-anneal4-linear-8ba": "t"}
     styles = report._family_style(runs)
-    assert styles["t-anneal8-cosine-4ba"] == {"color": styles["t"]["color"], "ls": "--"}
+    first, second = styles["t-anneal8-cosine-4ba"], styles["t-anneal4-linear-8ba"]
+    assert first["color"] == second["color"] == styles["t"]["color"] and first["ls"] != "-"
+    assert (first["ls"], first["marker"]) != (second["ls"], second["marker"])  # two branches are told apart
     assert styles["other"]["color"] != styles["t"]["color"]
     # the branch's curve starts at the trunk's point where it leaves it (batch 8, named; its own first is at 10)
     key = "metrics/eval/pile/all/LanguageCrossEntropy"
@@ -111,3 +115,13 @@ def test_directions_with_a_baseline_and_task_accuracy(tmp_path, capsys):
     assert text.count("- yes: ") == 5 and "- NO: no re-warming (const) adapts least" in text
     assert (out / "tasks.png").read_bytes()[:4] == b"\x89PNG"
     assert main([*args[:-1], "nope"]) == 2 and "--baseline 'nope' is not one of the runs" in capsys.readouterr().err
+
+
+def test_a_panel_of_zeros_shows_zero_to_one(tmp_path):
+    from cpt.tools.figures import pyplot, save
+
+    fig, (zeros, other) = pyplot().subplots(1, 2)
+    zeros.plot([0, 1, 2], [0.0, 0.0, 0.0])
+    other.plot([0, 1], [0.5, 0.6])
+    save(fig, str(tmp_path / "f.png"))
+    assert zeros.get_ylim() == (-0.02, 1.0) and other.get_ylim()[0] > 0.4

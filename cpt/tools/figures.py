@@ -16,9 +16,14 @@ def pyplot():
 
 
 def save(fig, path: str, dpi: int = 110) -> None:
-    """Lay the figure out, write it (its folder made) and free it."""
+    """Lay the figure out, write it (its folder made) and free it. A panel whose every value is 0 shows 0 to 1
+    (matplotlib would draw -0.04 to 0.04 around it)."""
     import matplotlib.pyplot as plt
 
+    for ax in fig.axes:
+        ys = [y for line in ax.get_lines() for y in line.get_ydata()]
+        if ys and all(float(y) == 0.0 for y in ys):
+            ax.set_ylim(-0.02, 1.0)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=dpi)

@@ -95,15 +95,24 @@ def families(runs: list[Run]) -> dict[str, str]:
 
 
 def _family_style(runs: list[Run]) -> dict[str, dict]:
-    """Line styles: a branch in its trunk's colour, dashed; other runs in colours of their own."""
+    """Line styles: a branch in its trunk's colour, each branch of one trunk with a dash pattern and marker of its
+    own (two branches are never drawn alike); other runs in colours of their own."""
     branch_of, styles, palette = families(runs), {}, iter(f"C{i}" for i in range(1000))
     for run in runs:
         if run.label not in branch_of:
             styles[run.label] = {"color": next(palette), "ls": "-"}
+    seen: dict[str, int] = {}
     for run in runs:
         if run.label in branch_of:
-            styles[run.label] = {"color": styles[branch_of[run.label]]["color"], "ls": "--"}
+            trunk = branch_of[run.label]
+            i = seen[trunk] = seen.get(trunk, -1) + 1
+            dash, marker = BRANCH_DASHES[i % len(BRANCH_DASHES)], BRANCH_MARKERS[i % len(BRANCH_MARKERS)]
+            styles[run.label] = {"color": styles[trunk]["color"], "ls": dash, "marker": marker}
     return styles
+
+
+BRANCH_DASHES = ["--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (8, 2))]
+BRANCH_MARKERS = ["v", "s", "^", "D", "x"]
 
 
 def branch_point(label: str) -> int | None:
@@ -222,6 +231,10 @@ class _Canvas:
     scale: float
     xlabel: str
 
+    def style(self, label: str) -> dict:
+        """A run's line style, points marked (a branch with its own marker)."""
+        return {"marker": ".", **self.styles[label]}
+
     def series(self, run: Run, key: str) -> tuple[list[float], list[float]]:
         """A run's ``key`` against tokens (a branch from its trunk's last point before it)."""
         s = _with_trunk(run, key, self.by_label, self.branch_of)
@@ -235,7 +248,7 @@ def _loss_png(c: _Canvas, path: str) -> None:
     fig, axes = pyplot().subplots(1, 2, figsize=(11, 4))
     for run in c.runs:
         for ax, ds in zip(axes, (c.up, c.down)):
-            ax.plot(*c.series(run, ALL.format(ds)), marker=".", label=run.label, **c.styles[run.label])
+            ax.plot(*c.series(run, ALL.format(ds)), label=run.label, **c.style(run.label))
     for ax, ds, what in zip(axes, (c.up, c.down), ("upstream", "downstream")):
         ax.set(title=f"{what} ({ds}) validation loss", xlabel=c.xlabel, ylabel="cross-entropy")
         ax.grid(alpha=0.3)
@@ -258,7 +271,7 @@ def _families_png(c: _Canvas, path: str) -> None:
             for run in family:
                 s = [p for p in _with_trunk(run, key, c.by_label, c.branch_of) if p[0] >= first]
                 xs, ys = [t / c.scale for _, t, _ in s], [v for _, _, v in s]
-                ax.plot(xs, ys, marker=".", label=run.label, **c.styles[run.label])
+                ax.plot(xs, ys, label=run.label, **c.style(run.label))
         ax.set(title=f"{ds}: trunks and their anneal branches", xlabel=c.xlabel, ylabel="cross-entropy")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -270,7 +283,7 @@ def _lr_png(c: _Canvas, path: str) -> None:
     for run in c.runs:
         key = lr_key(run)
         if key:
-            ax.plot(*c.series(run, key), label=run.label, **c.styles[run.label])
+            ax.plot(*c.series(run, key), label=run.label, **c.styles[run.label])  # the LR: no markers
     ax.set(title="learning rate", xlabel=c.xlabel, ylabel="LR")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -301,7 +314,7 @@ def _tasks_png(c: _Canvas, tasks: list[str], path: str) -> None:
     for ax, task in zip(axes.flat, tasks):
         for run in c.runs:
             if task in run.tasks():
-                ax.plot(*c.series(run, run.tasks()[task]), marker=".", label=run.label, **c.styles[run.label])
+                ax.plot(*c.series(run, run.tasks()[task]), label=run.label, **c.style(run.label))
         ax.set(title=task, xlabel=c.xlabel, ylabel="accuracy")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

@@ -80,12 +80,12 @@ def write_png(previews: list[Preview], path: str) -> None:
     for i, p in enumerate(previews):
         curve = p.curve()
         (line,) = ax.plot([t / scale for _, t, _ in curve], [lr for _, _, lr in curve], label=p.label, lw=1.6)
-        for name, start in p.phases[1:]:
+        for j, (name, start) in enumerate(p.phases[1:]):
             x = start * p.tokens_per_batch / scale
             ax.axvline(x, color=line.get_color(), ls=":", lw=0.8, alpha=0.7)
-            ax.annotate(
+            ax.annotate(  # staggered down the axis: neighbouring phases' labels do not overlap
                 name,
-                (x, p.lr * (0.98 - 0.07 * i)),
+                (x, p.lr * (0.98 - 0.07 * i - 0.3 * (j % 3))),
                 fontsize=7,
                 color=line.get_color(),
                 rotation=90,
