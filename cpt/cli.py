@@ -76,7 +76,7 @@ def _eval(args: argparse.Namespace) -> int:
         if unknown:
             raise ValueError(f"--only {unknown[0]!r} is not a task of {args.config} ({', '.join(tasks)})")
         tasks = {k: v for k, v in tasks.items() if k in args.only.split(",")}
-    evaluate(args.model, tasks, args.out, args.device, args.batch_size, args.budget, args.overwrite)
+    evaluate(args.model, tasks, args.out, args.device, args.batch_size, args.budget, args.overwrite, args.log_samples)
     print(f"wrote {args.out.rstrip('/')}/eval.md and eval.json")
     return 0
 
@@ -230,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--batch-size", type=int, default=8, help="lm-eval's batch size (default: 8)")
     p.add_argument("--budget", action="store_true", help="each task's first `examples` only, as in the loop")
+    p.add_argument("--log-samples", action="store_true", help="per question: log-likelihoods, tokens, both picks")
     _overwrite(p)
     p.set_defaults(fn=_eval)
 

@@ -276,7 +276,7 @@ def test_cpt_eval_offline_agrees_with_the_loop(task_run):
     results = {}
     for name, model_spec in (("base", tmp / "model"), ("run", tmp / "ck")):
         out = tmp / f"eval-{name}"
-        argv = ["eval", str(model_spec), str(tmp / "tasks.yaml"), "--out", str(out), "--budget"]
+        argv = ["eval", str(model_spec), str(tmp / "tasks.yaml"), "--out", str(out), "--budget", "--log-samples"]
         assert main([*argv, "--device", "cpu"]) == 0
         results.update(
             {r["batch"] or 0: r["tasks"] for r in json.loads((out / "eval.json").read_text())["results"].values()}
@@ -292,6 +292,11 @@ def test_cpt_eval_offline_agrees_with_the_loop(task_run):
         one_length = all(len({len(tok(" " + c)["input_ids"]) for c in r["choices"]}) == 1 for r in rows)
         if one_length:
             assert scores["nextword"]["acc"] == pytest.approx(loop["nextword"], abs=1e-6)
+        # the loop's rule, computed by cpt eval from lm-eval's log-likelihoods: the loop's own numbers
+        assert scores["nextword"]["acc_loop"] == pytest.approx(loop["nextword"], abs=1e-6), batch
+        assert scores["schema"]["acc_loop"] == pytest.approx(loop["schema"], abs=1e-6), batch
+    picks = [json.loads(line) for line in (tmp / "eval-run" / "samples-nextword.jsonl").read_text().splitlines()]
+    assert len(picks) == 3 * 20 and {"loglikelihoods", "tokens", "acc_pick", "loop_pick"} <= set(picks[0])
 
 
 HUB_ROWS = {  # one or two rows per dataset, as the hub serves them (field names and types)

@@ -10,7 +10,10 @@ Where lm-eval and the loop (llm-foundry's ICL metrics) differ:
 
 - ``multiple_choice``: lm-eval's ``acc`` picks the highest summed log-likelihood, ``acc_norm`` the highest per
   byte of the choice; the loop picks the lowest mean cross-entropy per token. They agree whenever every choice of a
-  question has the same number of tokens; otherwise ``acc`` favours short choices and the loop does not.
+  question has the same number of tokens; otherwise ``acc`` favours short choices and the loop does not. So
+  ``cpt eval`` adds ``acc_loop``: the loop's rule, from lm-eval's per-choice log-likelihoods divided by each
+  choice's token count (as lm-eval encodes it), to compare with the loop's numbers directly. ``--log-samples``
+  writes every question's log-likelihoods, token counts and both picks (``samples-<task>.jsonl``).
 - ``schema`` and ``language_modeling``: the same rule in both (the continuation is shared, or every token must be
   the greedy one), so the accuracies agree at 0 shots.
 - Prompts: the same text (the context, then the choice or continuation with one space); few-shot examples are drawn
@@ -36,10 +39,10 @@ from cpt.run import checkpoints
 from cpt.spec import ConfigError, Task
 from cpt.tools.figures import pyplot, save
 
-METRICS = {  # kind -> lm-eval's metrics reported
+METRICS = {  # kind -> the metrics reported: lm-eval's, and acc_loop (the loop's rule, computed here)
     "language_modeling": ("acc", "perplexity"),
-    "multiple_choice": ("acc", "acc_norm"),
-    "schema": ("acc",),
+    "multiple_choice": ("acc", "acc_norm", "acc_loop"),
+    "schema": ("acc", "acc_loop"),
 }
 
 
@@ -124,6 +127,7 @@ def evaluate(
     batch_size: int = 8,
     budget: bool = False,
     overwrite: bool = False,
+    log_samples: bool = False,
 ) -> dict:
     """Score every model MODEL names on every task; writes ``eval.json``, ``eval.md`` and, for several checkpoints,
     ``eval.png`` into ``out`` (local or ``s3://``). ``budget``: each task's first ``examples`` only, as in the loop."""
@@ -136,7 +140,7 @@ def evaluate(
     results: dict[str, dict] = {}
     with (
         tempfile.TemporaryDirectory() as tmp,
-        storage.Destination(out, "cpt eval --out", overwrite, files=["eval.json", "eval.md", "eval.png"]) as local_out,
+        storage.Destination(out, "cpt eval --out", overwrite, files=OUTPUTS + _sample_files(tasks)) as local_out,
     ):
         files = task_files.prepare(tasks)  # checked; s3:// files fetched into the cache
         defs = os.path.join(tmp, "lm-eval-tasks")
@@ -152,11 +156,48 @@ def evaluate(
             print(f"evaluating {label} on {', '.join(tasks)}", flush=True)
             lm = HFLM(pretrained=folder, device=device, batch_size=batch_size, trust_remote_code=False)
             res = simple_evaluate(model=lm, tasks=[f"cpt_{n}" for n in tasks], task_manager=manager,
-                                  bootstrap_iters=1000, log_samples=False)  # fmt: skip
-            results[label] = {"batch": batch, "tasks": {n: _metrics(res["results"][f"cpt_{n}"]) for n in tasks}}
+                                  bootstrap_iters=1000, log_samples=True)  # fmt: skip
+            scores = {}
+            for n, task in tasks.items():
+                scores[n] = _metrics(res["results"][f"cpt_{n}"])
+                if task.kind != "language_modeling":
+                    picks = loop_picks(lm, res["samples"][f"cpt_{n}"])
+                    scores[n]["acc_loop"] = sum(p["loop_correct"] for p in picks) / max(1, len(picks))
+                    if log_samples:
+                        _append_samples(os.path.join(local_out, f"samples-{n}.jsonl"), label, picks)
+            results[label] = {"batch": batch, "tasks": scores}
             del lm
         _write(results, tasks, local_out, spec)
     return results
+
+
+OUTPUTS = ["eval.json", "eval.md", "eval.png"]
+
+
+def _sample_files(tasks: dict[str, Task]) -> list[str]:
+    return [f"samples-{n}.jsonl" for n in tasks]
+
+
+def loop_picks(lm, samples: list[dict]) -> list[dict]:
+    """Per question of a choice task: lm-eval's per-choice log-likelihoods, each choice's token count as lm-eval
+    encodes it, lm-eval's pick (highest sum) and the loop's (lowest mean cross-entropy per token)."""
+    out = []
+    for s in samples:
+        lls = [float(r[0]) for r in s["filtered_resps"]]
+        tokens = [len(lm._encode_pair(ctx, cont)[1]) for ctx, cont in s["arguments"]]
+        mean = [ll / max(1, n) for ll, n in zip(lls, tokens)]
+        gold = int(s["doc"]["gold"])  # both kinds name the right choice by its index
+        summed_pick, loop_pick = max(range(len(lls)), key=lls.__getitem__), max(range(len(mean)), key=mean.__getitem__)
+        out.append({
+            "doc": s["doc_id"], "gold": gold, "loglikelihoods": lls, "tokens": tokens, "acc_pick": summed_pick,
+            "loop_pick": loop_pick, "acc_correct": summed_pick == gold, "loop_correct": loop_pick == gold,
+        })  # fmt: skip
+    return out
+
+
+def _append_samples(path: str, label: str, picks: list[dict]) -> None:
+    with open(path, "a") as fh:
+        fh.writelines(json.dumps({"model": label, **p}) + "\n" for p in picks)
 
 
 def _first(path: str, n: int, out: str) -> str:
