@@ -103,14 +103,18 @@ def test_directions_with_a_baseline_and_task_accuracy(tmp_path, capsys):
     args = ["report", *(str(tmp_path / n) for n in up), "--out", str(out), "--baseline", "const"]
     assert main(args) == 0
     text = (out / "summary.md").read_text()
-    # first quarter of 16 batches: batches 2..4 -> hi's upstream peak 2.9 (batch 4), downstream 3.3 (batch 2)
+    # first quarter of 16 batches: batches 0..4 -> hi's upstream peak 2.9 (batch 4), downstream 3.3 (batch 2);
+    # const's downstream falls from its start: its peak is the start itself (3.0), never below it
     assert (
         "| hi | 16 | 2.0000 | 2.9000 | 2.5000 | 3.0000 | 3.3000 | 2.1000 | +0.5000 | +0.9000 | 0.250 -> 0.500 |" in text
     )
     assert (
-        "| const | 16 | 2.0000 | 2.1000 | 2.2000 | 3.0000 | 2.9500 | 2.1500 | +0.2000 | +0.8500 | 0.250 -> 0.300 |"
+        "| const | 16 | 2.0000 | 2.1000 | 2.2000 | 3.0000 | 3.0000 | 2.1500 | +0.2000 | +0.8500 | 0.250 -> 0.300 |"
         in text
     )
+    # C1 against the baseline's own rise: const rises 0.1 upstream, lo 0.5 and hi 0.9 rise beyond it
+    assert "- yes: re-warming raises the upstream loss at first, beyond const's own rise" in text
+    assert "`hi` every 2 batch(es) to +4" in text and "Warning" not in text  # one cadence: no warning
     # forgetting 0.2 < lo 0.3 < hi 0.5, downstream end hi 2.1 < lo 2.2; but const adapts 0.85 > lo's 0.8
     assert text.count("- yes: ") == 5 and "- NO: no re-warming (const) adapts least" in text
     assert (out / "tasks.png").read_bytes()[:4] == b"\x89PNG"
@@ -125,3 +129,16 @@ def test_a_panel_of_zeros_shows_zero_to_one(tmp_path):
     other.plot([0, 1], [0.5, 0.6])
     save(fig, str(tmp_path / "f.png"))
     assert zeros.get_ylim() == (-0.02, 1.0) and other.get_ylim()[0] > 0.4
+
+
+def test_runs_sampled_differently_early_are_flagged(tmp_path):
+    write(
+        tmp_path / "a" / "metrics.jsonl", rows([0, 1, 2, 3, 4, 16], [2.0, 2.3, 2.5, 2.4, 2.3, 2.2], [3] * 6, [1e-3] * 6)
+    )
+    write(tmp_path / "b" / "metrics.jsonl", rows([0, 4, 16], [2.0, 2.3, 2.2], [3] * 3, [1e-4] * 3))
+    runs = [report.load(str(tmp_path / n)) for n in ("a", "b")]
+    assert [report.early_cadence(r, "pile") for r in runs] == [(1, 2, 3, 4), (4,)]
+    report.report(runs, str(tmp_path / "out"))
+    text = (tmp_path / "out" / "summary.md").read_text()
+    assert "**Warning:** the runs were evaluated at different batches" in text
+    assert "`a` every 1 batch(es) to +4; `b` every 4 batch(es) to +4" in text

@@ -163,22 +163,41 @@ def report(
 
 
 def summarize(runs: list[Run], up: str, down: str, early: float = EARLY) -> dict[str, dict[str, float]]:
-    """Per run with both datasets: start, the highest loss in its first ``early`` of batches (from batch 2) and the
-    end, upstream and downstream; forgetting (upstream end - start) and adaptation (downstream start - end)."""
+    """Per run with both datasets: start, the highest loss in its first ``early`` of batches (its start included,
+    so the peak is never below it) and the end, upstream and downstream; forgetting (upstream end - start) and
+    adaptation (downstream start - end)."""
     out = {}
     for run in runs:
         su, sd = (run.series(f"metrics/eval/{ds}/all/{CE}") for ds in (up, down))
         if not su or not sd:
             continue
-        window = range(2, int(run.last_batch * early) + 1)
+        first = su[0][0]
+        window = range(first, first + int((run.last_batch - first) * early) + 1)
         v = {"last_batch": su[-1][0]}
         for name, s in (("upstream", su), ("downstream", sd)):
-            early_values = [x for b, _, x in s if b in window] or [s[0][2]]  # a short run may have none there
+            early_values = [x for b, _, x in s if b in window] or [s[0][2]]
             v.update({f"{name}_start": s[0][2], f"{name}_early_max": max(early_values), f"{name}_final": s[-1][2]})
         v["forgetting"] = v["upstream_final"] - v["upstream_start"]
         v["adaptation"] = v["downstream_start"] - v["downstream_final"]
         out[run.label] = v
     return out
+
+
+def early_cadence(run: Run, up: str, early: float = EARLY) -> tuple[int, ...]:
+    """The batches (after the run's first) at which the run was evaluated in its first ``early``."""
+    s = run.series(f"metrics/eval/{up}/all/{CE}")
+    if not s:
+        return ()
+    first = s[0][0]
+    end = first + int((run.last_batch - first) * early)
+    return tuple(b - first for b, _, _ in s if first < b <= end)
+
+
+def _cadence_text(offsets: tuple[int, ...]) -> str:
+    steps = {b - a for a, b in zip((0, *offsets), offsets)}
+    if len(steps) == 1 and offsets:
+        return f"every {steps.pop()} batch(es) to +{offsets[-1]}"
+    return "at +" + ", +".join(map(str, offsets[:12])) + (" ..." if len(offsets) > 12 else "") if offsets else "none"
 
 
 def max_lr(run: Run) -> float | None:
@@ -200,11 +219,15 @@ def directions(numbers: dict[str, dict], baseline: str, lrs: dict[str, float | N
     def every(pred) -> bool | None:
         return all(pred(v) for v in warm.values()) if warm else None
 
+    def rise(v: dict, ds: str) -> float:
+        return v[f"{ds}_early_max"] - v[f"{ds}_start"]
+
+    def beyond(ds: str):  # the re-warmed runs rise at first, more than the baseline itself does
+        return every(lambda v: rise(v, ds) > (max(0.0, rise(base, ds)) if base else 0.0))
+
     return {
-        "re-warming raises the upstream loss at first": every(lambda v: v["upstream_early_max"] > v["upstream_start"]),
-        "re-warming raises the downstream loss at first": every(
-            lambda v: v["downstream_early_max"] > v["downstream_start"]
-        ),
+        f"re-warming raises the upstream loss at first, beyond {baseline}'s own rise": beyond("upstream"),
+        f"re-warming raises the downstream loss at first, beyond {baseline}'s own rise": beyond("downstream"),
         "the higher max LR forgets more upstream": rising([v["forgetting"] for v in ordered]) if ordered else None,
         "the higher max LR learns downstream better": (
             rising([-v["downstream_final"] for v in ordered]) if ordered else None
@@ -357,9 +380,19 @@ def _summary_md(c: _Canvas, numbers: dict, tasks: list[str], baseline: str | Non
         for branch, trunk in branch_of.items():
             lines.append(f"- `{branch}` leaves `{trunk}` at batch {branch_point(branch)}")
         lines.append("")
+    sampled = {run.label: early_cadence(run, up, early) for run in runs if run.label in numbers}
+    lines += [f"Evaluations in each run's first {early:.0%} (batches after its start): " + "; ".join(
+        f"`{label}` {_cadence_text(offsets)}" for label, offsets in sampled.items()
+    ) + ".", ""]  # fmt: skip
+    if len({offsets for offsets in sampled.values()}) > 1:
+        lines += [
+            "**Warning:** the runs were evaluated at different batches in their first stretch, so their early peaks "
+            "are sampled differently and do not compare exactly (evaluate them with one `cpt.eval.early`).",
+            "",
+        ]
     lines += [
-        f"Loss at the start, its highest in each run's first {early:.0%} of batches (from batch 2) and at the end; "
-        "forgetting is upstream end minus start, adaptation downstream start minus end."
+        f"Loss at the start, its highest in each run's first {early:.0%} of batches (its start included) and at the "
+        "end; forgetting is upstream end minus start, adaptation downstream start minus end."
         + (" Task accuracy: first evaluation -> last." if tasks else ""),
         "",
         "| run | last batch | upstream start | upstream peak early | upstream end | downstream start | "
