@@ -431,3 +431,19 @@ def test_an_s3_task_file_is_fetched_once_and_again_when_it_changes(s3_bucket, tm
         "downloaded",
     ]
     assert Path(first).read_text() == json.dumps(rows[0]) + "\n"
+
+
+def test_examples_longer_than_the_sequence_are_counted_per_task(tiny, tmp_path, caplog):
+    import logging
+
+    from conftest import load_tiny
+
+    from cpt.run.plan import Plan
+
+    short = {"context": "the river", "continuation": " city"}
+    long = {"context": " ".join(["word"] * 80), "continuation": " end"}  # 80 words: over tiny-cpu's 64 tokens
+    path = synthetic.write_task(tmp_path / "lm.jsonl", [short, long, short])
+    task = f"cpt.eval.tasks={{lm: {{path: '{path}', kind: language_modeling}}}}"
+    with caplog.at_level(logging.WARNING, logger="cpt"):
+        Plan.from_config(load_tiny(tiny, task), "tiny")
+    assert "cpt.eval.tasks.lm: 1 of 3 examples are longer than max_seq_len=64 tokens" in caplog.text

@@ -18,6 +18,7 @@ Metric names (the contract ``cpt report`` reads):
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 from cpt.io import storage, untrusted
@@ -35,6 +36,7 @@ METRIC = {
     "schema": "InContextLearningMultipleChoiceAccuracy",
 }
 PREFIX = "metrics/tasks/"
+log = logging.getLogger(__name__)
 
 
 def label(name: str) -> str:
@@ -107,6 +109,45 @@ def prepare(tasks: dict[str, Task]) -> dict[str, str]:
             raise ConfigError(f"cpt.eval.tasks.{name}.path: {exc}") from exc
         out[name] = os.path.abspath(local)
     return out
+
+
+def too_long(path: str, kind: str, tokenizer, seq_len: int) -> tuple[int, int]:
+    """``(examples longer than seq_len tokens, examples)`` of a checked task file: the longest prompt and answer
+    of each (llm-foundry cuts such a context from the left, so its question loses its beginning)."""
+    longer, total = 0, 0
+    with open(path, "rb") as fh:
+        for _, raw in untrusted.lines(fh, path):
+            if not raw.strip():
+                continue
+            row = json.loads(raw)
+            if kind == "language_modeling":
+                texts = [row["context"] + row["continuation"]]
+            elif kind == "multiple_choice":
+                texts = [row["query"] + " " + c for c in row["choices"]]
+            else:
+                texts = [o + " " + row["continuation"] for o in row["context_options"]]
+            total += 1
+            longer += max(len(e.ids) for e in tokenizer.encode_batch(texts)) > seq_len
+    return longer, total
+
+
+def warn_cut(tasks: dict[str, Task], files: dict[str, str], model_dir: str, seq_len: int) -> dict[str, int]:
+    """Log, per task, how many examples are longer than the run's sequence length; returns the counts."""
+    path = os.path.join(model_dir, "tokenizer.json")
+    if not tasks or not os.path.isfile(path):
+        return {}
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(path)
+    cut = {}
+    for name, task in tasks.items():
+        cut[name], total = too_long(files[name], task.kind, tokenizer, seq_len)
+        if cut[name]:
+            log.warning(
+                "cpt.eval.tasks.%s: %d of %d examples are longer than max_seq_len=%d tokens: llm-foundry cuts their "
+                "context from the left", name, cut[name], total, seq_len,
+            )  # fmt: skip
+    return cut
 
 
 def icl_tasks(section: Cpt, files: dict[str, str]) -> list[dict]:

@@ -86,6 +86,7 @@ class Plan:
         domains.blend_weights(section, evals)  # a blend naming an unknown domain fails now
         cache = run_cache(checked)
         task_files = tasks.prepare(section.eval.tasks)  # a missing or malformed task file fails now
+        tasks.warn_cut(section.eval.tasks, task_files, model_dir, checked.seq_len)
         save = checked.save_folder
         staged = bool(save) and (storage.is_s3(save) or checked.sharded)
         resume = _resume_point(save, cache, path)
