@@ -63,7 +63,10 @@ def train_from_yaml(path: str, overrides: list[str] | None = None):
         return train(plan.to_foundry())
     except BaseException:
         if save and rank0:
-            lock.release(save)  # a refused or failed launch leaves the folder free
+            try:
+                lock.release(save)  # a refused or failed launch leaves the folder free
+            except Exception as exc:  # noqa: BLE001 - the error that stopped the run is the one to show
+                log.warning("could not release the run lock in %s: %s", save, exc)
         raise
 
 

@@ -299,7 +299,6 @@ PLANTED = [
     ("code_paths yaml", {"yaml": Path(TINY).read_text() + "\ncode_paths: [/tmp/x.py]\n"}, "code_paths"),
     ("env resolver", {"overrides": ["run_name=${oc.env:HOME}"]}, r"resolver \$\{oc.env:...\}"),
     ("decode resolver", {"yaml": Path(TINY).read_text() + "\nseed: ${oc.decode:'17'}\n"}, "oc.decode"),
-    ("run_dir outside", {"overrides": ["cpt.run_dir=/etc/cpt"]}, "cpt.run_dir: refusing the key"),
 ]
 
 

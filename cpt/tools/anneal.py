@@ -49,17 +49,14 @@ def sibling(save_folder: str, trunk: str, branch: str) -> str:
 
 def recorded_launch(trunk_folder: str) -> DictConfig:
     """The trunk's recorded launch (``cpt-run.json``), as input someone else may have written: it may not use
-    resolvers, grant remote code, ``code_paths`` or a fingerprint change, or name a local folder outside this
-    one (``cpt.run_dir``). ``UntrustedError`` naming what is wrong."""
+    resolvers, or grant remote code, ``code_paths`` or a fingerprint change. ``UntrustedError`` naming what is
+    wrong. Where the branch writes is printed by ``cpt anneal`` before anything runs."""
     where = storage.join(trunk_folder, stage.RUN_SPEC)
     spec = stage.read_run_spec(trunk_folder)
     if spec is None:
         raise ValueError(f"{trunk_folder} is not the save folder of a cpt run ({stage.RUN_SPEC} is missing)")
     cfg = config.compose(spec["yaml"], spec["overrides"], where)
     untrusted.granted(cfg, where)
-    run_dir = OmegaConf.select(cfg, "cpt.run_dir", default=None)
-    if run_dir is not None:  # relative, inside the working directory
-        untrusted.key(os.path.normpath(str(run_dir)), f"{where}: cpt.run_dir")
     return cfg
 
 
