@@ -59,8 +59,11 @@ def train_from_yaml(path: str, overrides: list[str] | None = None):
             if plan.staging:
                 shutil.rmtree(plan.staging, ignore_errors=True)  # a killed run's partial or unsent saves
             cleanup.clean_stale()  # a killed run's /dev/shm segments, which would block this one; live runs' stay
+            cleanup.clean_lock_files()  # and the lock files streaming leaves in the temp folder, of dead prefixes
         log.info("%s", plan.describe())
-        return train(plan.to_foundry())
+        trainer = train(plan.to_foundry())
+        cleanup.clean_lock_files()  # older than a minute: never one a run starting now still needs
+        return trainer
     except BaseException:
         if save and rank0:
             try:

@@ -133,3 +133,33 @@ def clean_stale(min_age_s: float = 1.0) -> list[str]:
     if removed:
         log.info("removed %d stale shared memory segments of killed runs: %s", len(removed), ", ".join(removed[:6]))
     return removed
+
+
+LOCK_FILE = re.compile(r"(\d{6})_barrier_filelock")  # streaming's, in the temp folder: one per prefix ever used
+
+
+def clean_lock_files(min_age_s: float = 60.0) -> list[str]:
+    """Remove streaming's ``<prefix>_barrier_filelock`` files (in the temp folder) of prefixes that no longer have
+    a segment in ``/dev/shm``: every run leaves one behind, ended or killed. Paths removed are returned."""
+    import tempfile
+
+    tmp = tempfile.gettempdir()
+    try:
+        live = {n.split("_", 1)[0] for n in os.listdir(SHM) if is_streaming_segment(n)}
+        names = os.listdir(tmp)
+    except FileNotFoundError:
+        return []
+    now, removed = time.time(), []
+    for name in names:
+        m = LOCK_FILE.fullmatch(name)
+        path = os.path.join(tmp, name)
+        if not m or m.group(1) in live:
+            continue
+        try:
+            if os.path.islink(path) or now - os.lstat(path).st_mtime < min_age_s:
+                continue
+            os.unlink(path)
+        except OSError:
+            continue
+        removed.append(path)
+    return removed
