@@ -132,7 +132,9 @@ def assert_same_end(reference: str, run: str, tmp: Path) -> None:
 
 
 def staging(setup: Path, run: str) -> Path:
-    return setup / "cache" / run / "runs" / run / "staging"
+    """The run's staging folder: ``<cache>/runs/<run name>-<key of its save folder>/staging``."""
+    found = sorted((setup / "cache" / run / "runs").glob(f"{run}-*/staging"))
+    return found[0] if found else setup / "cache" / run / "runs" / "not-yet" / "staging"
 
 
 def wait_for(condition, what: str, timeout: float = 300, every: float = 0.005) -> None:

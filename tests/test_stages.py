@@ -124,7 +124,7 @@ def test_a_branch_starts_from_the_trunks_exact_state_and_follows_its_decay(setup
                  "--out", str(out), "--gpus", "1"]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     yaml = str(out / "trunk-anneal8-cosine-4ba.yaml")
-    assert f"wrote {yaml}" in printed and f"composer -n 8 -m cpt.train {yaml}" in printed
+    assert f"wrote {yaml}" in printed and f"composer -n 1 -m cpt.train {yaml}" in printed
     got = probe(setup, yaml, "cpt.log_samples=true")
 
     ck = checkpoint_state(f"{trunk}/ep0-ba8-rank0.pt")

@@ -250,7 +250,7 @@ def test_budget_in_batches_per_task():
     cadence = EvalCadence(interval=10, subset_num_batches=3, task_examples={"tasks/a/0-shot": 21})
     cadence.after_load(SimpleNamespace(evaluators=evs), None)
     assert [e.subset_num_batches for e in evs] == [math.ceil(21 / 4), None, 3]  # b: all of its examples
-    assert all(e.eval_interval is cadence for e in evs)
+    assert [e.eval_interval for e in evs] == [cadence.for_tasks, cadence.for_tasks, cadence]  # tasks: every Nth
 
 
 def _sum_rule(model, tok, rows: list[dict]) -> float:

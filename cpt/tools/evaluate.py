@@ -75,7 +75,7 @@ def task_yaml(name: str, task: Task, local: str) -> dict:
         "fewshot_split": "test",
         "num_fewshot": task.fewshot,
         "fewshot_delimiter": "\n",  # llm-foundry's example delimiter
-        "metric_list": [{"metric": m} for m in METRICS[task.kind]],
+        "metric_list": [{"metric": m} for m in METRICS[task.kind] if m != "acc_loop"],  # acc_loop: computed here
     }
     if task.kind == "language_modeling":  # the continuation carries its own leading space
         return {**common, "output_type": "loglikelihood", "doc_to_text": "context", "doc_to_target": "continuation",
