@@ -208,7 +208,6 @@ def read_index(split: str) -> dict:
 
 # What a recorded launch may never turn on or point elsewhere: only this command line grants it.
 GRANTS = ("cpt.trust_remote_code", "cpt.allow_fingerprint_change")
-PLACES = ("cpt.model", "cpt.train", "cpt.eval.datasets", "cpt.eval.tasks", "cpt.init", "save_folder", "cpt.run_dir")
 _RESOLVER = re.compile(r"\$\{\s*([A-Za-z_][\w.]*)\s*:")
 
 
@@ -244,21 +243,6 @@ def granted(cfg: Any, where: str) -> None:
     for path in _paths(OmegaConf.to_container(cfg, resolve=False)):
         if path.split(".")[-1] == "code_paths":
             raise UntrustedError(f"{where}: the recorded launch sets {path}, which imports files: refused")
-
-
-def places(cfg: Any) -> dict[str, Any]:
-    """The resolved values of every key that says where data comes from or goes (``PLACES``)."""
-    from omegaconf import OmegaConf
-
-    return {name: _plain(OmegaConf.select(cfg, name, default=None)) for name in PLACES}
-
-
-def _plain(value: Any) -> Any:
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(value, DictConfig | ListConfig):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
 
 
 def _paths(value: Any, prefix: str = "") -> Iterator[str]:
