@@ -21,7 +21,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
 
-from cpt.io import storage
+from cpt.io import redact, storage
 from cpt.optim import schedules
 from cpt.spec import CARRY, SAFE_NAME, TASK_KINDS, ConfigError, Cpt, Task
 from cpt.spec import LOSS_IMPLS as IMPLS
@@ -219,8 +219,6 @@ def remember_interpolations(path: str, unresolved: Any, resolved: Any) -> None:
 def _hidden(interpolation: str) -> bool:
     """An interpolation whose value an error must not show: a resolver's (``${oc.env:...}``, ``${oc.decode:...}``)
     or a secret-looking key's (``${variables.hf_token}``). Plain references to other keys are shown."""
-    from cpt.io import redact
-
     refs = re.findall(r"\$\{([^}]*)\}", interpolation)
     return any(":" in r or redact.is_secret_key(r.strip()) for r in refs)
 

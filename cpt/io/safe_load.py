@@ -17,8 +17,8 @@ import datetime
 import io
 import os
 import pickle
-import stat
 
+from cpt.io import untrusted
 from cpt.io.untrusted import UntrustedError
 
 
@@ -176,14 +176,10 @@ def _check_sharded(folder: str) -> None:
 
 
 def _regular(path: str, where: str) -> int:
-    """The size of ``path`` when it is a regular file (not a link, FIFO or device), else a refusal."""
     try:
-        st = os.lstat(path)
-    except OSError as exc:
-        raise UnsafeCheckpointError(f"{where}: {path} is missing ({exc.strerror})") from exc
-    if not stat.S_ISREG(st.st_mode):
-        raise UnsafeCheckpointError(f"{where}: {path} is not a regular file (a link, FIFO or device)")
-    return st.st_size
+        return untrusted.regular(path, where)
+    except untrusted.UntrustedError as exc:
+        raise UnsafeCheckpointError(str(exc)) from None
 
 
 def _detail(exc: Exception) -> str:

@@ -23,6 +23,7 @@ import io
 import json
 import os
 import re
+import stat
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -93,11 +94,22 @@ def inside(path: str, root: str) -> bool:
     return os.path.commonpath([os.path.abspath(p), os.path.abspath(r)]) == os.path.abspath(r)
 
 
+def regular(path: str, what: str) -> int:
+    """The size of a local ``path`` that is a regular file (not a link, FIFO or device: those hang, never end, or
+    lead elsewhere), else ``UntrustedError``."""
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise UntrustedError(f"{what}: {path} is missing ({exc.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UntrustedError(f"{what}: {path} is not a regular file (a link, FIFO or device)")
+    return st.st_size
+
+
 def read(url: str, what: str, limit: int = RECORD_BYTES) -> bytes:
     """A remote or local file's bytes, its size checked first: a file over ``limit`` is refused unread."""
-    if not storage.is_s3(url):
-        if os.path.islink(url) or (os.path.exists(url) and not os.path.isfile(url)):
-            raise UntrustedError(f"{url}: {what} is not a regular file")
+    if not storage.is_s3(url) and os.path.lexists(url):
+        regular(url, what)
     n = storage.size(url)
     if n > limit:
         raise UntrustedError(f"{url}: {what} is {n:,} bytes, over the limit of {limit:,}")

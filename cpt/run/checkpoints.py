@@ -139,8 +139,10 @@ def _fetch_sharded(save_folder: str, name: str, cache: str) -> tuple[str | None,
             return None, f"{file_name} does not match the size in its marker"
         if storage.is_s3(save_folder) and not (os.path.isfile(path) and _describe(path) == want):
             storage.download_file(url, path)
-        if os.path.islink(path) or not os.path.isfile(path):  # a FIFO or a device would hang or never end
-            return None, f"{file_name} is not a regular file"
+        try:
+            untrusted.regular(path, file_name)  # a FIFO or a device would hang or never end
+        except untrusted.UntrustedError as exc:
+            return None, str(exc)
         if _describe(path) != want:
             return None, f"{file_name} does not match the size and sha256 in its marker"
     return local, ""

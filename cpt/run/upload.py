@@ -26,7 +26,7 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
-from cpt.io import storage
+from cpt.io import storage, untrusted
 from cpt.run import checkpoints, faults, threads
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,8 @@ class Uploader:
             time.sleep(0.2)
         files = {}
         for note in sorted(notes):
-            files.update(json.loads(storage.read_bytes(storage.join(url, note)))["files"])
+            where = storage.join(url, note)  # another rank's record, read back as untrusted
+            files.update(untrusted.field(untrusted.record(where, "a rank's upload note"), "files", dict, where))
         marker = {"world_size": self.world_size, "files": files}
         storage.write_bytes(storage.join(url, checkpoints.MARKER), json.dumps(marker, indent=1).encode())
         log.info("uploaded %s (%d files, complete)", url, len(files))
