@@ -26,6 +26,20 @@ from cpt.optim import schedules
 from cpt.spec import CARRY, SAFE_NAME, TASK_KINDS, ConfigError, Cpt, Task
 from cpt.spec import LOSS_IMPLS as IMPLS
 
+# llm-foundry 0.22.0's ``TrainConfig`` fields, written out so that checking a config does not import llm-foundry
+# (6 s); tests/test_train_config.py compares them with the dataclass
+FOUNDRY_KEYS = frozenset(
+    """accumulate_train_batch_on_tokens algorithms autoresume callbacks code_paths compile_config console_log_interval
+    cuda_load_lazy device_eval_batch_size device_train_batch_size device_train_grad_accum device_train_microbatch_size
+    dist_timeout eval_first eval_gauntlet eval_gauntlet_str eval_interval eval_loader eval_loaders
+    eval_subset_num_batches expandable_segments flatten_metadata fsdp_config global_train_batch_size icl_seq_len
+    icl_subset_num_batches icl_tasks icl_tasks_str load_ignore_keys load_path load_strict_model_weights
+    load_weights_only log_config log_to_console loggers max_duration max_seq_len max_split_size_mb metadata model
+    n_gpus only_composer_checkpoint only_hf_checkpoint optimizer precision profiler progress_bar python_log_level
+    run_name save_filename save_folder save_ignore_keys save_interval save_latest_filename
+    save_num_checkpoints_to_keep save_overwrite save_weights_only scheduler seed spin_dataloaders tokenizer tp_config
+    train_loader train_subset_num_batches variables""".split()
+)
 OWNED = ("model", "tokenizer", "train_loader", "eval_loader", "eval_loaders")
 REFUSED = {  # llm-foundry keys that cpt decides itself, and why
     "save_filename": "save_filename is cpt's (cpt.run.checkpoints names checkpoints, so that resume, upload and "
@@ -174,9 +188,6 @@ def cpt_section(cfg: DictConfig, path: str = "config") -> Cpt:
 
 def check_top_level(cfg: DictConfig, path: str = "config") -> None:
     """Every key outside ``cpt:`` must be llm-foundry's, and not one that cpt builds."""
-    from llmfoundry.utils.config_utils import TrainConfig
-
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
     for key in cfg:
         if key == "cpt":
             continue
@@ -184,7 +195,7 @@ def check_top_level(cfg: DictConfig, path: str = "config") -> None:
             raise ConfigError(f"{path}: key {key!r} is built by cpt from the cpt: section; remove it")
         if key in REFUSED and cfg[key] not in (None, False):
             raise ConfigError(f"{path}: {REFUSED[key]}; remove {key!r}")
-        if key not in known:
+        if key not in FOUNDRY_KEYS:
             raise ConfigError(f"{path}: unknown key {key!r} (not a cpt or llm-foundry TrainConfig key)")
 
 

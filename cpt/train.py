@@ -18,7 +18,7 @@ import sys
 
 from cpt import config
 from cpt.io import storage, untrusted
-from cpt.run import cleanup, cpu, fingerprint, lock, stage
+from cpt.run import cleanup, cpu, fingerprint, lock, record
 from cpt.run.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def train_from_yaml(path: str, overrides: list[str] | None = None):
     save, rank0 = checked.save_folder, os.environ.get("RANK", "0") == "0"
     storage.set_retry_limit(checked.section.s3_retry_s)  # every S3 call of this process, the lock's included
     if save and rank0:
-        stage.check_owner(save, checked.run_name, path)  # a folder is one run's
+        record.check_owner(save, checked.run_name, path)  # a folder is one run's
         lock.acquire(save)  # before any download: a second launch is refused at once
     try:
         plan = Plan.from_checked(checked)  # model, data, tasks and the resume point, all checked
@@ -51,7 +51,7 @@ def train_from_yaml(path: str, overrides: list[str] | None = None):
             return None
         if save:
             if rank0:
-                stage.write_run_spec(save, path, overrides or [], checked.run_name)  # after every check passed
+                record.write_run_spec(save, path, overrides or [], checked.run_name)  # after every check passed
             cleanup.mark(save)  # every process this rank spawns carries it
         if os.environ.get("LOCAL_RANK", "0") == "0":
             if save:

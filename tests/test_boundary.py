@@ -257,12 +257,12 @@ def test_url_credentials_are_masked_whole(url, hidden):
 
 
 def test_a_secret_override_is_never_recorded_in_the_bucket(tiny, tmp_path):
-    from cpt.run import stage
+    from cpt.run import record
 
     folder = tmp_path / "save"
     overrides = ["variables.hf_token=hf_abcdefghijklmnopqrstuvwxyz", "optimizer.lr=1e-3", "x.url=https://u:p@h/"]
-    stage.write_run_spec(str(folder), TINY, overrides, "tiny-cpu")
-    text = (folder / stage.RUN_SPEC).read_text()
+    record.write_run_spec(str(folder), TINY, overrides, "tiny-cpu")
+    text = (folder / record.RUN_SPEC).read_text()
     assert "hf_abcdefghij" not in text and "u:p@" not in text
     assert json.loads(text)["overrides"] == ["optimizer.lr=1e-3"]
 

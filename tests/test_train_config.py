@@ -96,3 +96,13 @@ def test_tasks_run_at_every_nth_evaluation_and_at_the_first_and_the_last(tiny):
     assert [b for b in range(1, 21) if ended_between.tasks_due(b)] == [6] and ended_between.for_tasks(
         SimpleNamespace(timestamp=SimpleNamespace(batch=20)), Event.FIT_END
     )  # a run that ends at 20: its last evaluation scores the tasks too
+
+
+def test_the_written_out_foundry_keys_are_llm_foundrys_train_config():
+    import dataclasses
+
+    from llmfoundry.utils.config_utils import TrainConfig
+
+    from cpt.config import FOUNDRY_KEYS
+
+    assert FOUNDRY_KEYS == {f.name for f in dataclasses.fields(TrainConfig)}

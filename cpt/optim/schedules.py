@@ -23,8 +23,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from composer.optim import ComposerScheduler
-
 UNITS = ("tok", "ba", "dur")
 
 
@@ -203,9 +201,8 @@ class Clock:
 def parse_duration(value: str | int | float, name: str) -> tuple[float, str]:
     """``"0.01dur"`` -> ``(0.01, "dur")``; a bare number is batches. Raises ``ValueError`` naming ``name``.
 
-    Strings are parsed by Composer's ``Time.from_timestring``; only ``tok``, ``ba`` and ``dur`` are accepted."""
-    from composer.core import Time
-
+    A string is a number followed by ``tok``, ``ba`` or ``dur``, as Composer's ``Time.from_timestring`` reads
+    it (parsed here so that checking a config does not import Composer)."""
     if isinstance(value, bool):
         raise ValueError(f"{name}={value!r} is not a duration")
     if isinstance(value, int | float):
@@ -216,7 +213,7 @@ def parse_duration(value: str | int | float, name: str) -> tuple[float, str]:
         if unit is None:
             raise ValueError(f"{name}={value!r} has no known unit: use one of {', '.join(UNITS)} (e.g. '500ba')")
         try:
-            amount = float(Time.from_timestring(text).value)
+            amount = float(text[: -len(unit)])
         except ValueError as exc:
             raise ValueError(f"{name}={value!r} is not a number followed by a unit") from exc
     if not math.isfinite(amount) or amount < 0:
@@ -233,8 +230,10 @@ def _fraction(name: str, value: float, low: float = 0.0, high: float = 1.0, open
 # ---- Composer schedulers -------------------------------------------------------------------------
 
 
-class Schedule(ComposerScheduler):
-    """Shared machinery: duration parsing, Composer's call convention, phase boundaries."""
+class Schedule:
+    """A Composer scheduler (its ``ComposerScheduler`` protocol: ``scheduler(state, ssr) -> float``).
+
+    Shared machinery: duration parsing, Composer's call convention, phase boundaries."""
 
     durations: tuple[str, ...] = ()
 

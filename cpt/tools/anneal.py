@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from cpt import config
 from cpt.io import storage, untrusted
 from cpt.optim.schedules import ANNEAL_SHAPES
-from cpt.run import checkpoints, stage
+from cpt.run import checkpoints, record
 from cpt.spec import CARRY
 
 log = logging.getLogger(__name__)
@@ -51,10 +51,10 @@ def recorded_launch(trunk_folder: str) -> DictConfig:
     """The trunk's recorded launch (``cpt-run.json``), as input someone else may have written: it may not use
     resolvers, or grant remote code, ``code_paths`` or a fingerprint change. ``UntrustedError`` naming what is
     wrong. Where the branch writes is printed by ``cpt anneal`` before anything runs."""
-    where = storage.join(trunk_folder, stage.RUN_SPEC)
-    spec = stage.read_run_spec(trunk_folder)
+    where = storage.join(trunk_folder, record.RUN_SPEC)
+    spec = record.read_run_spec(trunk_folder)
     if spec is None:
-        raise ValueError(f"{trunk_folder} is not the save folder of a cpt run ({stage.RUN_SPEC} is missing)")
+        raise ValueError(f"{trunk_folder} is not the save folder of a cpt run ({record.RUN_SPEC} is missing)")
     cfg = config.compose(spec["yaml"], spec["overrides"], where)
     untrusted.granted(cfg, where)
     return cfg
@@ -70,11 +70,13 @@ def plan_branch(
         raise ValueError(f"--shape {shape!r}: one of {', '.join(ANNEAL_SHAPES)}")
     trunk_folder = untrusted.folder(trunk_folder)
     cfg = recorded_launch(trunk_folder)
-    where = storage.join(trunk_folder, stage.RUN_SPEC)
+    where = storage.join(trunk_folder, record.RUN_SPEC)
     trunk = config.check(config.resolved(cfg, where), where)
     recorded = trunk.save_folder and untrusted.folder(trunk.save_folder)
     if recorded and recorded != trunk_folder:
-        log.warning("%s records the save folder %s: the branch derives from %s", stage.RUN_SPEC, recorded, trunk_folder)
+        log.warning(
+            "%s records the save folder %s: the branch derives from %s", record.RUN_SPEC, recorded, trunk_folder
+        )
     found = checkpoints.listing(trunk_folder)
     want = os.path.basename(str(at).rstrip("/"))
     ck = next((c for c in found if (want.isdigit() and c.batch == int(want)) or c.name == want), None)
