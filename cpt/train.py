@@ -34,6 +34,7 @@ def train_from_yaml(path: str, overrides: list[str] | None = None):
         lambda record: "changing autoresume default" not in record.getMessage()
     )
     checked = config.check(config.load(path, overrides), path)
+    cpu.share_cores()  # ranks on one CPU node split its cores
     save, rank0 = checked.save_folder, os.environ.get("RANK", "0") == "0"
     storage.set_retry_limit(checked.section.s3_retry_s)  # every S3 call of this process, the lock's included
     if save and rank0:

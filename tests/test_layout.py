@@ -108,3 +108,22 @@ def test_every_registry_entry_point_names_the_class_whose_key_it_is():
             assert owner.KEY == key, f"{target} carries the key {owner.KEY!r}, registered as {key!r}"
             checked += 1
     assert checked == 11  # 9 callbacks, 1 logger, 1 model
+
+
+def test_every_registered_scheduler_is_its_schedule_under_composers_protocol():
+    """llm-foundry's registry takes only ``ComposerScheduler`` subclasses; each entry point names the schedule
+    that ``cpt.optim.schedules`` registers under that name (which cpt's own checks and previews use)."""
+    import importlib
+    import tomllib
+
+    from composer.optim import ComposerScheduler
+
+    from cpt.optim.schedules import SCHEDULERS
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]
+    entries = project["llmfoundry_schedulers"]
+    assert set(entries) == set(SCHEDULERS)
+    for key, target in entries.items():
+        module, _, attr = target.partition(":")
+        cls = getattr(importlib.import_module(module), attr)
+        assert issubclass(cls, ComposerScheduler) and issubclass(cls, SCHEDULERS[key]) and cls.KEY == key

@@ -223,3 +223,25 @@ def test_a_cpu_command_line_reexecutes_once_with_freed_memory_kept():
     given = {**plain, **cpu.KEEP_FREED_MEMORY}
     out = subprocess.run([sys.executable, "-c", code], env=given, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["start", cpu.KEEP_FREED_MEMORY["MALLOC_TOP_PAD_"]]
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, None),  # one rank keeps torch's default
+        ({"LOCAL_WORLD_SIZE": "2"}, "half"),  # two ranks split the cores
+        ({"LOCAL_WORLD_SIZE": "64"}, 1),  # never below one
+        ({"LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "3"}, None),  # the user's count wins
+    ],
+)
+def test_ranks_on_one_cpu_node_split_its_cores(env, expected):
+    from cpt.run import cpu
+
+    if cpu.has_gpu():
+        pytest.skip("a GPU machine keeps torch's threads")
+    code = "import torch; d = torch.get_num_threads(); from cpt.run import cpu; print(d, cpu.share_cores())"
+    base = {k: v for k, v in os.environ.items() if k not in ("LOCAL_WORLD_SIZE", "OMP_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True, check=True)
+    default, got = out.stdout.split()
+    want = max(1, int(default) // 2) if expected == "half" else expected
+    assert got == str(want)
