@@ -453,7 +453,8 @@ def test_a_decompression_bomb_is_read_in_bounded_pieces(tmp_path, tokenizer_path
 
 
 def test_too_many_domains_stop_the_run_naming_the_line(tmp_path, tokenizer_path):
-    from cpt.data.convert import DOMAIN_KEYS, MAX_DOMAINS, convert
+    from cpt.data.convert import DOMAIN_KEYS, convert
+    from cpt.data.file_task import MAX_DOMAINS
     from cpt.data.sources import InputError
 
     key = DOMAIN_KEYS["pile"]

@@ -217,17 +217,19 @@ def test_killed_conversion_resumes_identically(tmp_path, tokenizer_path):
         stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 120
-    while time.time() < deadline and len(list((tmp_path / "cache-b").glob("convert/*/*/done.json"))) < 2:
+    markers = tmp_path / "killed" / "train" / ".convert"  # a finished file's marker, next to its output
+    while time.time() < deadline and len(list(markers.glob("*.json"))) < 2:
         time.sleep(0.05)
     os.killpg(proc.pid, 9)
     proc.wait()
-    done = len(list((tmp_path / "cache-b").glob("convert/*/*/done.json")))
+    done = len(list(markers.glob("*.json")))
     assert 2 <= done < 8, f"the kill should land mid-way, {done} of 8 files were done"
     rerun = subprocess.run(
         cmd + ["--output", str(tmp_path / "killed")], env=env, check=True, capture_output=True, text=True
     )
     assert f"{done} of 8 files reused" in rerun.stdout
     assert _tree_digest(tmp_path / "ref") == _tree_digest(tmp_path / "killed")
+    assert not markers.exists() or not any(markers.iterdir())  # a complete split keeps no markers
 
 
 BAD_LINES = [

@@ -107,7 +107,7 @@ def test_every_registry_entry_point_names_the_class_whose_key_it_is():
             owner = mod if attr == "CptPythia" else getattr(mod, attr)
             assert owner.KEY == key, f"{target} carries the key {owner.KEY!r}, registered as {key!r}"
             checked += 1
-    assert checked == 11  # 9 callbacks, 1 logger, 1 model
+    assert checked == 12  # 10 callbacks, 1 logger, 1 model
 
 
 def test_every_registered_scheduler_is_its_schedule_under_composers_protocol():

@@ -113,6 +113,16 @@ def trunk(setup) -> str:
     return folder
 
 
+def rows_at(path: Path, batch: int) -> dict:
+    """Every value a run's ``metrics.jsonl`` logged at ``batch``, merged (the rows written before it trained on)."""
+    merged = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if row["batch"] == batch:
+            merged.update(row)
+    return merged
+
+
 def files_of(folder: str) -> dict[str, bytes]:
     return {k: Path(folder, k).read_bytes() for k in storage.list_prefix(folder)}
 
@@ -137,6 +147,14 @@ def test_a_branch_starts_from_the_trunks_exact_state_and_follows_its_decay(setup
         expected = LR * schedules.anneal_multiplier(t, 8, 4, m0, 0.01, "cosine")
         assert got["lr"][t] == pytest.approx(expected, rel=1e-9), t
     assert got["lr"][8] == pytest.approx(LR * m0, rel=1e-9)  # continuous with the trunk at the branch point
+    # the branch is evaluated at its first batch, before it trains: on the trunk's weights of batch 8, so exactly
+    # what the trunk measured there; and that batch's LR is logged there
+    trunk_rows = rows_at(setup / "runs" / "trunk" / "metrics.jsonl", 8)
+    branch_rows = rows_at(setup / "runs" / "trunk-anneal8-cosine-4ba" / "metrics.jsonl", 8)
+    evals = {k: v for k, v in trunk_rows.items() if k.startswith("metrics/eval/")}
+    assert len(evals) >= 4 and {k: branch_rows.get(k) for k in evals} == evals
+    lrs = [v for k, v in branch_rows.items() if k.startswith("lr-")]
+    assert lrs == [pytest.approx(LR * m0, rel=1e-9)]
 
     trunk_batches, _ = samples.read(str(setup / "runs" / "trunk" / "samples-rank0.jsonl"))
     branch_batches, _ = samples.read(str(setup / "runs" / "trunk-anneal8-cosine-4ba" / "samples-rank0.jsonl"))

@@ -8,7 +8,9 @@ import os
 import sys
 
 from cpt.data import sources
-from cpt.data.convert import DOMAIN_KEYS, MAX_DOC_BYTES, SPLITS, convert
+from cpt.data.convert import DOMAIN_KEYS, SPLITS, convert
+from cpt.data.engines import ENGINES
+from cpt.data.file_task import MAX_DOC_BYTES
 from cpt.io import storage
 
 
@@ -55,6 +57,19 @@ def add_arguments(parser: argparse.ArgumentParser, corpus: str | None) -> None:
         help=f"a longer JSON line is skipped as too_large, or stops the run (default: {MAX_DOC_BYTES:,}); keeps a "
         "worker's memory bounded",
     )
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="local",
+        help="who converts the files: this machine's processes (local, the default) or a Ray cluster (ray: one task "
+        "per input file, S3 to S3; pip install '.[ray]')",
+    )
+    parser.add_argument(
+        "--ray-address",
+        default="",
+        help="with --engine ray: 'auto' (the cluster this node belongs to), 'ray://host:port', or empty for a Ray "
+        "started here (default)",
+    )
     parser.add_argument("--shard-size", default="64mb", help="MDS shard size limit (default: 64mb)")
     parser.add_argument("--compression", default=None, help="MDS shard compression, e.g. zstd (default: none)")
     parser.add_argument("--no-progress", action="store_true", help="do not draw the progress bar")
@@ -76,15 +91,18 @@ def run(args: argparse.Namespace, corpus: str) -> int:
             compression=args.compression,
             progress=not args.no_progress,
             max_doc_bytes=args.max_doc_bytes,
+            engine=args.engine,
+            ray_address=args.ray_address,
         )
-    except (sources.InputError, storage.StorageError, FileNotFoundError, ValueError) as exc:
+    except (sources.InputError, storage.StorageError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     m = result.manifest
     print(
         f"wrote {result.split_root}: {len(m.domains)} domains, {result.samples:,} samples of {m.seq_len} tokens, "
         f"{result.tokens:,} tokens in {result.seconds:.1f}s ({result.tokens / max(result.seconds, 1e-9):,.0f} tok/s); "
-        f"{result.files_reused} of {result.files_converted + result.files_reused} files reused from a previous run"
+        f"{result.files_reused} of {result.files_converted + result.files_reused} files reused from a previous run "
+        f"({args.engine} engine)"
     )
     for _name, d in sorted(m.domains.items()):
         skipped = sum(d.docs_skipped.values())

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from cpt.io import storage, untrusted
 
 FORMAT_VERSION = 1
+LAYOUT = "file-packed"  # cpt.data.file_task: each file's samples, then each domain's tails packed in input order
+OLD_LAYOUT = "concatenated"  # before: each domain's files concatenated, then packed (a manifest without "layout")
 COLUMN = "tokens"
 DTYPE = "uint16"
 
@@ -65,12 +67,16 @@ class Manifest:
     unattributed_skipped: dict[str, int]
     inputs: list[dict]
     format_version: int = FORMAT_VERSION
+    layout: str = LAYOUT
     column: str = COLUMN
     dtype: str = DTYPE
 
     def content(self) -> dict:
-        """The fields that define the data (not where it came from): what the fingerprint hashes."""
+        """The fields that define the data (not where it came from): what the fingerprint hashes. The layout
+        decides where samples begin, so it is hashed too (absent for the old one, whose fingerprints stay)."""
+        layout = {} if self.layout == OLD_LAYOUT else {"layout": self.layout}
         return {
+            **layout,
             "format_version": self.format_version,
             "column": self.column,
             "dtype": self.dtype,
@@ -149,6 +155,7 @@ def read(split_root: str) -> Manifest:
         domains=domains,
         unattributed_skipped=raw.get("unattributed_skipped", {}),
         inputs=raw.get("inputs", []),
+        layout=raw.get("layout", OLD_LAYOUT),
     )
     if "fingerprint" in raw and raw["fingerprint"] != manifest.fingerprint:
         raise ManifestError(f"{path}: fingerprint does not match its content (edited by hand?)")

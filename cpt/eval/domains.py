@@ -201,9 +201,8 @@ class EvalCadence(Callback):
     def init(self, state: State, logger: Logger) -> None:
         self._fit_start = time.perf_counter()  # before eval_first's evaluation
 
-    def fit_start(self, state: State, logger: Logger) -> None:
-        if int(state.timestamp.batch) == 0:
-            self._last_tasks = 0  # eval_first scores them before the first step
+    def eval_standalone_end(self, state: State, logger: Logger) -> None:
+        self._last_tasks = int(state.timestamp.batch)  # eval_first scored them before the first step
 
     def eval_start(self, state: State, logger: Logger) -> None:
         self._started = time.perf_counter()

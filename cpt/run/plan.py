@@ -144,6 +144,8 @@ class Plan:
         out.callbacks = callbacks
         shown = OmegaConf.to_container(out, resolve=True)
         out.callbacks.update(wire(ConfigLog, config=redact.config({**shown, "cpt": self._section_shown()})))
+        if self.resume is None and self.init is not None and "clock" in section.init.carry:
+            out.callbacks.update(wire(stage.StageStart, batch=self.init.batch))  # last: a stage's start, evaluated
         return out
 
     def _evaluation(self, out: DictConfig, callbacks: dict) -> None:

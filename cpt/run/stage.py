@@ -5,15 +5,21 @@ The checkpoint is loaded through Composer's ``load_path``, with ``load_weights_o
 with the data position only: the callbacks' state (the data fingerprint, so a branch checks that its data
 is the trunk's) and the RNG. A carried optimizer brings the old stage's last learning rate; ``StageLR`` sets
 this stage's (its schedule at its first batch) before the first step.
+
+A stage that carries the clock starts at the old stage's batch, and llm-foundry evaluates first only at batch 0
+(``eval_first``). ``StageStart`` makes a new stage's first batch count as its start: the stage is evaluated there and
+its LR logged there, as a run from batch 0 is. A relaunch after a preemption resumes its own checkpoint and is not
+a stage's start.
 """
 
 from __future__ import annotations
 
 import logging
 
-from composer.core import Callback, State
+from composer.core import Callback, Event, State, Timestamp
 from composer.loggers import Logger
 
+from cpt.run.metrics_log import first_lrs
 from cpt.spec import ConfigError
 
 log = logging.getLogger(__name__)
@@ -62,3 +68,33 @@ class StageLR(Callback):
         for scheduler in state.schedulers:
             scheduler.base_lrs = [self.lr for _ in scheduler.base_lrs]
         log.info("the carried optimizer trains at this stage's LR: %g x %g", self.lr, self.multiplier)
+
+
+class StageStart(Callback):
+    """Evaluation and the LR at the first batch of a stage that carries the clock.
+
+    llm-foundry runs ``eval_first`` only when the loaded clock is at batch 0. After the load (the last event of the
+    Trainer's construction) this callback holds the loaded clock back and shows batch 0; at the first event after
+    llm-foundry's check (the first evaluation's start, or the fit's start when ``eval_first`` is off) the clock is
+    put back, so every row is logged at the stage's true batch. Between the two, nothing reads the clock: Composer
+    finishes its construction and llm-foundry logs the config. At the fit's start the LR the first batch trains at
+    is logged, as ``MetricsJSONL`` does for a run from batch 0. Wired last, so other callbacks' ``after_load`` see
+    the loaded clock."""
+
+    KEY = "cpt_stage_start"  # its llm-foundry registry key (pyproject.toml entry point)
+
+    def __init__(self, batch: int):
+        self.batch = batch  # the carried clock's batch (cpt.init's checkpoint)
+        self._held: Timestamp | None = None
+
+    def after_load(self, state: State, logger: Logger) -> None:
+        if int(state.timestamp.batch) == self.batch > 0:
+            self._held, state.timestamp = state.timestamp, Timestamp()
+
+    def run_event(self, event: Event, state: State, logger: Logger) -> None:
+        super().run_event(event, state, logger)
+        if event in (Event.EVAL_STANDALONE_START, Event.FIT_START) and self._held is not None:
+            state.timestamp, self._held = self._held, None
+            log.info("the stage starts at the carried batch %d: evaluated and its LR logged there", self.batch)
+        if event == Event.FIT_START and int(state.timestamp.batch) == self.batch > 0:
+            logger.log_metrics(first_lrs(state))

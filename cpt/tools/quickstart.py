@@ -37,6 +37,7 @@ SEQ, BATCH = 64, 8
 PRETRAIN_STEPS, CPT_STEPS = 300, 100  # pre-training long enough that the shared word statistics settle
 MAX_LR = 5e-3
 TASK = 40  # questions in the generated task
+TASKS_EVERY = 4  # the task at every 4th evaluation (and the first and last): it took a third of a run's time
 SCHEDULES = {  # name -> scheduler and LR for the continual phase
     "constant": ({"name": "cpt_constant", "t_warmup": "0ba"}, MAX_LR * 0.1),
     "rewarm-1x": ({"name": "cpt_cosine", "t_warmup": "0.1dur", "t_max": "1dur", "alpha_f": 0.1}, MAX_LR),
@@ -102,40 +103,57 @@ def write_config(cfg: dict, work: str) -> str:
 
 
 _DONE = "cpt-quickstart: trained"
+EXPORT = "=>"  # "<yaml>=><folder>": after training the YAML, export its newest checkpoint to the folder
 
 
-def train_yamls(paths: list[str], work: str, log_name: str) -> None:
+def train_yamls(items: list[str], work: str, log_name: str, then: dict[int, str] | None = None) -> None:
     """Train each YAML in order with ``cpt.train``'s own entry point (the same path as a GPU run), all in one
-    process: each fresh interpreter spends about 11 s importing torch, Composer and llm-foundry. The output goes to
-    ``<work>/<log_name>.log``."""
+    process: each fresh interpreter spends 7-11 s importing torch, Composer and llm-foundry. An item
+    ``<yaml>=><folder>`` also exports the run's newest checkpoint to a Hugging Face folder, which a later YAML may
+    start from. The output goes to ``<work>/<log_name>.log``; each finished run is announced as it ends, followed by
+    ``then[n]`` after the n-th."""
     log = os.path.join(work, f"{log_name}.log")
     env = {**KEEP_FREED_MEMORY, **os.environ}  # freed memory kept (cpt.run.cpu)
     with open(log, "w") as fh:
-        proc = subprocess.run(
-            [sys.executable, "-m", "cpt.tools.quickstart", *paths],
-            stdout=fh,
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cpt.tools.quickstart", *items],
+            stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             cwd=work,
             env=env,
+            text=True,
+            errors="replace",
         )
-    with open(log, errors="replace") as fh:
-        text = fh.read()
-    for line in text.splitlines():
-        if line.startswith(_DONE):
-            print(f"  trained{line[len(_DONE) :]}", flush=True)
+        done = 0
+        for line in proc.stdout:
+            fh.write(line)
+            if line.startswith(_DONE):
+                done += 1
+                print(f"  trained{line[len(_DONE) :]}", end="", flush=True)
+                if (then or {}).get(done):
+                    print(then[done], flush=True)
+        proc.wait()
     if proc.returncode:
+        with open(log, errors="replace") as fh:
+            text = fh.read()
         raise RuntimeError(f"training failed (exit code {proc.returncode}); the end of {log}:\n{text[-4000:]}")
 
 
-def _train_in_turn(paths: list[str]) -> int:
+def _train_in_turn(items: list[str]) -> int:
     from cpt.train import main
 
-    for path in paths:
+    for item in items:
+        path, _, out = item.partition(EXPORT)
         t0 = time.perf_counter()
         code = main([path])
         if code:
             return code
         print(f"{_DONE} {os.path.basename(path).removesuffix('.yaml')} in {time.perf_counter() - t0:.0f}s", flush=True)
+        if out:
+            with open(path) as fh:
+                folder = yaml.safe_load(fh)["save_folder"]
+            newest = checkpoints(folder)[0][1]  # ep<N>-ba<steps>: N counts passes over the data
+            export(storage.join(folder, newest), out, overwrite=True)
     return 0
 
 
@@ -192,7 +210,6 @@ def quickstart(
     make_corpora(work, root)
     task = make_task(work)
     arch = save_tiny_pythia(os.path.join(work, "tiny-arch"), seq_len=SEQ)
-    print("2/4 pre-training on upstream", flush=True)
     pre = base_config(
         root,
         work,
@@ -206,16 +223,17 @@ def quickstart(
         eval_every=pretrain_steps,
     )
     pre["cpt"]["eval"].update(early=None, at_peak=False)  # pre-training: evaluate first and last only
-    train_yamls([write_config(pre, work)], work, "pretrain")
-    newest = checkpoints(pre["save_folder"])[0][1]  # ep<N>-ba<steps>: N counts passes over the data
-    base = export(storage.join(pre["save_folder"], newest), os.path.join(work, "pretrained"), overwrite=True)
-    print("3/4 continuing on downstream under three schedules", flush=True)
+    base = os.path.join(work, "pretrained")  # the pre-trained model, exported as a Hugging Face folder
     cfgs = {}
     for name, (sched, lr) in SCHEDULES.items():
         cfg = base_config(root, work, f"cpt-{name}", base, ["downstream"], lr, dict(sched), cpt_steps, False, 8)
         cfg["cpt"]["eval"]["tasks"] = {"next-word": {"path": task, "kind": "multiple_choice"}}
+        cfg["cpt"]["eval"]["tasks_every"] = TASKS_EVERY
         cfgs[name] = cfg
-    train_yamls([write_config(c, work) for c in cfgs.values()], work, "continual")
+    print("2/4 pre-training on upstream", flush=True)
+    then = {1: f"3/4 continuing on downstream under {len(cfgs)} schedules"}
+    items = [write_config(pre, work) + EXPORT + base, *(write_config(c, work) for c in cfgs.values())]
+    train_yamls(items, work, "runs", then)
     runs = [report.load(os.path.join(c["cpt"]["run_dir"], c["run_name"]), label=n) for n, c in cfgs.items()]
     print("4/4 writing the report", flush=True)
     path, summary = write_report(work, runs, (pretrain_steps, cpt_steps))
