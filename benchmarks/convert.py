@@ -16,6 +16,14 @@ with one huge line (64 MB, skipped as ``too_large`` under the default ``--max-do
 under that limit, which is tokenized): a worker's memory is bounded by the limit, not by the input.
 
     python benchmarks/convert.py --huge-only     # the huge-line figures alone (no real sample needed)
+    python benchmarks/convert.py --engines       # --engine ray against --engine local, S3 to S3, in one call
+
+``--engines``: the same ``--copies`` files, zst on a loopback S3 server, converted to MDS on that server by the
+local engine (``--workers`` processes) and by Ray (a local Ray with ``--workers`` CPUs, started before the clock
+starts, as a cluster would be). It prints both rates, Ray's overhead, the per-core rate, each engine's peak local
+disk (the cache folder, where a task's tokens and the shard being uploaded lie) and its workers' peak memory
+(VmHWM of the worker processes), and the wall time and node-hours for the Pile and SlimPajama on 1, 8 and 32 nodes
+of 32 cores, extrapolated from the per-core rate.
 """
 
 from __future__ import annotations
@@ -80,7 +88,10 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=16)
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     ap.add_argument("--huge-only", action="store_true", help="only the huge-line memory figures")
+    ap.add_argument("--engines", action="store_true", help="the local engine against Ray, S3 to S3")
     args = ap.parse_args()
+    if args.engines:
+        return engines(args.copies, args.workers)
     if args.huge_only:
         huge_lines(Path(tempfile.mkdtemp(prefix="cpt-bench-")), max(2, args.workers))
         return
@@ -166,7 +177,7 @@ def main() -> None:
 
 def huge_lines(tmp: Path, workers: int) -> None:
     """Worker peak memory on a file of small documents plus one huge line (spawned workers: ``workers >= 2``)."""
-    from cpt.data.convert import MAX_DOC_BYTES
+    from cpt.data.file_task import MAX_DOC_BYTES
 
     code = PEAK.format(tok=TOKENIZER, key=KEY, workers=workers)
     small = "".join(
@@ -182,6 +193,108 @@ def huge_lines(tmp: Path, workers: int) -> None:
         path.write_text(small + line)
         r = run_py(code, str(path), str(tmp / f"huge-out-{size}"))[-1]
         print(f"{label:<44} {r['tokens']:>12,} {r['seconds']:>8.1f} {r['worker_mb']:>15.0f}")
+
+
+class Sampler:
+    """Polls, every 20 ms, the size of a folder and the peak RSS (VmHWM) of processes whose command line holds a
+    marker: the peak local disk and worker memory of a conversion."""
+
+    def __init__(self, folder: Path, marker: str):
+        import threading
+
+        self.folder, self.marker, self.disk, self.rss, self.stop = folder, marker, 0, 0, False
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+
+    def _poll(self) -> None:
+        while not self.stop:
+            size = 0
+            for root, _, names in os.walk(self.folder):
+                for n in names:
+                    try:
+                        size += os.path.getsize(os.path.join(root, n))
+                    except OSError:
+                        pass
+            self.disk = max(self.disk, size)
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    if self.marker.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        status = Path(f"/proc/{pid}/status").read_text()
+                        kb = int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmHWM")))
+                        self.rss = max(self.rss, kb * 1024)
+                except (OSError, StopIteration, ValueError):
+                    pass
+            time.sleep(0.02)
+
+    def done(self) -> tuple[float, float]:
+        self.stop = True
+        self.thread.join()
+        return self.disk / 1e6, self.rss / 1e6
+
+
+def engines(copies: int, workers: int) -> None:
+    if not SAMPLE.is_file():
+        sys.exit(f"the real sample is missing: {SAMPLE}")
+    import boto3
+    import ray
+    import zstandard
+    from moto.server import ThreadedMotoServer
+
+    tmp = Path(tempfile.mkdtemp(prefix="cpt-bench-"))
+    cache = tmp / "cache"
+    os.environ.update(
+        CPT_CACHE=str(cache), AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="x", AWS_DEFAULT_REGION="us-east-1"
+    )
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ["S3_ENDPOINT_URL"] = f"http://{host}:{port}"
+    s3 = boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"])
+    s3.create_bucket(Bucket="bench")
+    data = zstandard.ZstdCompressor(level=3).compress(SAMPLE.read_bytes())
+    for i in range(copies):
+        s3.put_object(Bucket="bench", Key=f"raw/part-{i:03d}.jsonl.zst", Body=data)
+    print(f"input: {copies} x {SAMPLE.name} as zst on S3, {workers} workers, {os.cpu_count()} cores")
+    from cpt.data.convert import convert
+
+    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)  # a cluster that is already up
+    rows = {}
+    for engine, marker in (("local", "multiprocessing"), ("ray", "ray::")):
+        sampler = Sampler(cache, marker)
+        t = time.perf_counter()
+        result = convert(
+            ["s3://bench/raw/*.jsonl.zst"], f"s3://bench/mds-{engine}", "train", str(TOKENIZER), KEY,
+            workers=workers, progress=False, engine=engine,
+        )  # fmt: skip
+        seconds = time.perf_counter() - t
+        disk, rss = sampler.done()
+        rows[engine] = (result.tokens, seconds, disk, rss)
+    ray.shutdown()
+    server.stop()
+    same = all(
+        s3.get_object(Bucket="bench", Key=f"mds-local/{k}")["Body"].read()
+        == s3.get_object(Bucket="bench", Key=f"mds-ray/{k}")["Body"].read()
+        for k in (o["Key"][len("mds-local/") :] for o in _objects(s3, "mds-local/"))
+    )
+    print(f"\n{'engine':<8} {'tokens':>12} {'seconds':>8} {'tokens/s':>12} {'peak disk MB':>13} {'worker peak MB':>15}")
+    for engine, (tokens, seconds, disk, rss) in rows.items():
+        print(f"{engine:<8} {tokens:>12,} {seconds:>8.1f} {tokens / seconds:>12,.0f} {disk:>13.1f} {rss:>15.0f}")
+    overhead = rows["ray"][1] / rows["local"][1] - 1
+    print(f"\nRay's overhead: {overhead:+.1%} (target <= +10%); outputs byte-identical: {same}")
+    per_core = rows["local"][0] / rows["local"][1] / workers
+    print(f"per-core rate: {per_core:,.0f} tokens/s (local engine, {workers} workers)")
+    print("\nextrapolated from the per-core rate (32-core nodes, the whole corpus, S3 to S3):")
+    print(f"{'corpus':<24} {'nodes':>6} {'wall hours':>11} {'node-hours':>11}")
+    for corpus, tokens in (("the Pile (300B)", 300e9), ("SlimPajama (627B)", 627e9)):
+        for nodes in (1, 8, 32):
+            hours = tokens / (per_core * 32 * nodes) / 3600
+            print(f"{corpus:<24} {nodes:>6} {hours:>11,.1f} {hours * nodes:>11,.0f}")
+
+
+def _objects(s3, prefix: str):
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket="bench", Prefix=prefix):
+        yield from page.get("Contents", [])
 
 
 def _copies(plain: Path, copies: int) -> list[str]:

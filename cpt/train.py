@@ -17,7 +17,7 @@ import shutil
 import sys
 
 from cpt import config
-from cpt.io import storage, untrusted
+from cpt.io import redact, storage, untrusted
 from cpt.run import cleanup, cpu, fingerprint, lock, record
 from cpt.run.plan import Plan
 
@@ -33,6 +33,7 @@ def train_from_yaml(path: str, overrides: list[str] | None = None):
     logging.getLogger("llmfoundry.command_utils.train").addFilter(
         lambda record: "changing autoresume default" not in record.getMessage()
     )
+    sys.argv[1:] = redact.overrides(sys.argv[1:])  # loggers that record the command line (W&B) see no secret
     checked = config.check(config.load(path, overrides), path)
     cpu.share_cores()  # ranks on one CPU node split its cores
     save, rank0 = checked.save_folder, os.environ.get("RANK", "0") == "0"

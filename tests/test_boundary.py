@@ -256,6 +256,20 @@ def test_url_credentials_are_masked_whole(url, hidden):
     assert "***" in shown
 
 
+def test_the_command_line_loggers_see_has_every_secret_override_masked():
+    """W&B records ``sys.argv`` (``wandb-metadata.json``'s ``args``); cpt.train masks it first."""
+    argv = [
+        "train", "y.yaml", "variables.hf_token=abc", "variables.run_name=r1", "max_duration=8ba",
+        "variables.model=hf_abcdefghijklmnopqrstuvwx", "variables.bucket=s3://u:pw@host/b", "tokenizer_name=x",
+        "loggers={wandb: {api_key: k-1}}", "loggers={tensorboard: {log_dir: tb}}",
+    ]  # fmt: skip
+    assert redact.overrides(argv) == [
+        "train", "y.yaml", "variables.hf_token=***", "variables.run_name=r1", "max_duration=8ba",
+        "variables.model=***", "variables.bucket=***", "tokenizer_name=x", "loggers=***",
+        "loggers={tensorboard: {log_dir: tb}}",
+    ]  # fmt: skip
+
+
 def test_a_secret_override_is_never_recorded_in_the_bucket(tiny, tmp_path):
     from cpt.run import record
 

@@ -7,6 +7,7 @@ internet, a GPU cluster or Docker (``EXTERNAL``) are replaced by their offline e
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -53,7 +54,7 @@ def test_readme_workflow(tmp_path, s3_bucket):
     from test_tasks import write_hub_rows
 
     from cpt.data import synthetic
-    from cpt.data.convert import DOMAIN_KEYS, convert
+    from cpt.data.convert import DOMAIN_KEYS
     from cpt.io import storage
     from cpt.pythia import save_tiny_pythia
 
@@ -77,16 +78,10 @@ def test_readme_workflow(tmp_path, s3_bucket):
     synthetic.write_jsonl(src, slim, docs=90, seed=1, domain_key=DOMAIN_KEYS["slimpajama"])
     raw = f"{bucket}/raw/slimpajama/train/chunk1/example_train_0.jsonl.zst"
     storage.write_bytes(raw, zst.compress(src.read_bytes()))
-    synthetic.write_jsonl(src, slim, docs=140, seed=2, domain_key=DOMAIN_KEYS["slimpajama"])
-    convert(
-        [str(src)],
-        f"{bucket}/data/slimpajama",
-        "val",
-        str(ROOT / "cpt/assets/tokenizer.json"),
-        DOMAIN_KEYS["slimpajama"],
-        workers=1,
-        progress=False,
-    )  # the paper's config evaluates it too
+    for chunk in (1, 2):  # the validation split, converted by the README's Ray command: two files, two tasks
+        synthetic.write_jsonl(src, slim, docs=70, seed=1 + chunk, domain_key=DOMAIN_KEYS["slimpajama"])
+        raw = f"{bucket}/raw/slimpajama/validation/chunk{chunk}/example_holdout_0.jsonl.zst"
+        storage.write_bytes(raw, zst.compress(src.read_bytes()))
     pile_val = tmp_path / "pile-val.jsonl"
     pile = {"Pile-CC": "prose", "Github": "code"}
     synthetic.write_jsonl(pile_val, pile, docs=40, seed=3, domain_key=DOMAIN_KEYS["pile"])
@@ -102,6 +97,7 @@ def test_readme_workflow(tmp_path, s3_bucket):
         "ep0-ba131296-rank0.pt": "ep0-ba8-rank0.pt",
         "s3://my-bucket": bucket,
         "/data/pile/val.jsonl.zst": str(pile_zst),
+        "--ray-address auto": "",  # no cluster here: the driver starts a Ray of its own
         # "where the hub is reachable": the datasets' rows as the hub serves them, saved beforehand
         "convert/tasks.py --out": f"convert/tasks.py --source {write_hub_rows(tmp_path / 'hub')} --out",
     }
@@ -141,7 +137,7 @@ def test_readme_workflow(tmp_path, s3_bucket):
             run([sys.executable, "-m", "cpt.cli", *argv[1:]], tmp_path)
         done.append(argv[0] if argv[0] != "cpt" else f"cpt {argv[1]}")
 
-    assert done.count("python") == 3 and "composer" in done and {"cpt report", "cpt export"} <= set(done)
+    assert done.count("python") == 4 and "composer" in done and {"cpt report", "cpt export"} <= set(done)
     assert done.count("cpt eval") == 2 and storage.exists(f"{bucket}/tasks/hellaswag.jsonl")
     for out in ("eval-final", "eval-curve"):
         assert (tmp_path / out / "eval.json").is_file(), out
@@ -149,6 +145,7 @@ def test_readme_workflow(tmp_path, s3_bucket):
     assert len(list((tmp_path / "branches").glob("my-run-anneal8-1-sqrt-*ba.yaml"))) == 1
     assert (tmp_path / "averaged-model" / "model.safetensors").is_file()
     assert storage.exists(f"{bucket}/data/slimpajama/train/manifest.json")
+    assert len(json.loads(storage.read_bytes(f"{bucket}/data/slimpajama/val/manifest.json"))["inputs"]) == 2
     assert storage.exists(f"{bucket}/data/pile/val/manifest.json")
     for f in ("lr.png", "lr.csv", "cmp.png", "warmup.png", "report/summary.md", "pythia-410m-cpt/config.json"):
         assert (tmp_path / f).is_file(), f

@@ -81,7 +81,8 @@ def task_run(tmp_path_factory, tiny_project, s3_server):
         f"nextword: {{path: '{paths['nextword']}', kind: multiple_choice, examples: 20}}, "
         f"schema: {{path: '{paths['schema']}', kind: schema}}}}"
     )
-    env = {**os.environ, "CPT_CACHE": str(tmp / "cache"), "S3_ENDPOINT_URL": s3_server}
+    env = {**os.environ, "CPT_CACHE": str(tmp / "cache"), "S3_ENDPOINT_URL": s3_server, "WANDB_SILENT": "true"}
+    env["WANDB_MODE"] = "offline"  # W&B's run file, written locally
     proc = subprocess.run(
         [sys.executable, "-m", "cpt.cli", "train", str(TINY), f"variables.data={tmp / 'data'}",
          f"variables.model={tmp / 'model'}", f"variables.save_folder={tmp / 'ck'}", f"cpt.run_dir={tmp / 'runs'}",
@@ -90,7 +91,8 @@ def task_run(tmp_path_factory, tiny_project, s3_server):
          "cpt.eval.datasets.upstream.blends.mix={Pile-CC: 1}", f"variables.hf_token={SECRETS[0]}",
          f"variables.mlflow_tracking_token={SECRETS[1]}", f"variables.wandb_passphrase={SECRETS[2]}",
          f"loggers={{mlflow: {{tracking_uri: 'file:{tmp}/mlruns', experiment_name: cpt-tasks}}, "
-         f"tensorboard: {{log_dir: '{tmp}/tb'}}}}"],
+         f"tensorboard: {{log_dir: '{tmp}/tb'}}, "
+         f"wandb: {{project: cpt-tasks, init_kwargs: {{mode: offline, dir: '{tmp}/wandb'}}}}}}"],
         cwd=tmp, capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-5000:]
@@ -377,10 +379,34 @@ LOGGED = [
 ]
 
 
+def wandb_history(root: Path) -> dict[str, dict[int, float]]:
+    """Every logged value of an offline W&B run (``<dir>/wandb/offline-run-*/run-*.wandb``), by key and step,
+    read from the run file's records with W&B's own reader."""
+    from wandb.proto import wandb_internal_pb2 as pb
+    from wandb.sdk.internal import datastore
+
+    (path,) = root.rglob("offline-run-*/run-*.wandb")
+    store = datastore.DataStore()
+    store.open_for_scan(str(path))
+    out: dict[str, dict[int, float]] = {}
+    while (data := store.scan_data()) is not None:
+        record = pb.Record()
+        record.ParseFromString(data)
+        if record.WhichOneof("record_type") != "history":
+            continue
+        items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+        step = items.pop("_step", None)
+        for key, value in items.items():
+            if isinstance(value, int | float) and not key.startswith("_"):
+                out.setdefault(key, {})[int(step)] = float(value)
+    return out
+
+
 @pytest.mark.slow
-def test_mlflow_and_tensorboard_receive_domains_blends_and_tasks(task_run):
-    """The YAML's ``loggers:`` (MLflow's local file store, TensorBoard), read back from their stores: every
-    evaluation's per-domain metric, blend and task accuracy, equal to ``metrics.jsonl``'s."""
+def test_mlflow_tensorboard_and_wandb_receive_domains_blends_tasks_and_lr(task_run):
+    """The YAML's ``loggers:`` (MLflow's local file store, TensorBoard, W&B offline), read back from their stores:
+    every evaluation's per-domain metric, blend and task accuracy, and every batch's LR, equal to
+    ``metrics.jsonl``'s. (MFU is logged on GPUs only: Composer's speed monitor needs their peak FLOP/s.)"""
     import mlflow
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -391,6 +417,7 @@ def test_mlflow_and_tensorboard_receive_domains_blends_and_tasks(task_run):
     for folder in sorted({p.parent for p in (tmp / "tb").rglob("events.out.tfevents.*")}):
         tb.append(EventAccumulator(str(folder), size_guidance={"scalars": 0}))
         tb[-1].Reload()
+    wandb = wandb_history(tmp / "wandb")
     for key in LOGGED:
         expected = _logged(task_run["metrics"], key)
         assert len(expected) == 4, key
@@ -398,12 +425,16 @@ def test_mlflow_and_tensorboard_receive_domains_blends_and_tasks(task_run):
         assert mlflow_points == pytest.approx(expected, rel=1e-6), key
         tb_points = {e.step: e.value for acc in tb if key in acc.Tags()["scalars"] for e in acc.Scalars(key)}
         assert tb_points == pytest.approx(expected, rel=1e-6), key
+        assert wandb[key] == pytest.approx(expected, rel=1e-6), key
+    (lr_key,) = {k for r in task_run["metrics"] for k in r if k.startswith("lr-")}
+    lrs = _logged(task_run["metrics"], lr_key)
+    assert len(lrs) == STEPS + 1 and wandb[lr_key] == pytest.approx(lrs, rel=1e-6)  # batch 0's included
     # the secrets given on the command line reach no store: MLflow's params, TensorBoard, the log, the bucket's record
     params = json.dumps(client.get_run(run.info.run_id).data.params)
     assert "hf_token" in params  # the key is logged, masked
     stores = [params, task_run["log"], (tmp / "ck" / "cpt-run.json").read_text()]
-    stores += [p.read_bytes().decode("latin-1") for p in [*(tmp / "tb").rglob("*"), *(tmp / "mlruns").rglob("*")]
-               if p.is_file()]  # fmt: skip
+    stores += [p.read_bytes().decode("latin-1") for p in [*(tmp / "tb").rglob("*"), *(tmp / "mlruns").rglob("*"),
+               *(tmp / "wandb").rglob("*")] if p.is_file()]  # fmt: skip
     for secret in SECRETS:
         assert not [i for i, text in enumerate(stores) if secret in text], secret
 

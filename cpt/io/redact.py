@@ -55,3 +55,28 @@ def _masked(key: str, value: Any) -> bool:
     if value in (None, "") or isinstance(value, bool | int | float):
         return False
     return is_secret_key(key) and not isinstance(value, dict | list)
+
+
+def overrides(args: list[str]) -> list[str]:
+    """A command line with every ``key=value`` whose key looks secret, or whose value is a secret or carries one,
+    masked (``key=***``): what loggers that record the command line (W&B's ``args``) may keep."""
+    out = []
+    for arg in args:
+        name, eq, value = arg.partition("=")
+        if eq and (is_secret_key(name) or looks_secret(value) or text(value) != value or _holds_secret(value)):
+            arg = f"{name}={MASK}"
+        out.append(arg)
+    return out
+
+
+def _holds_secret(value: str) -> bool:
+    """A YAML mapping or list given inline (``loggers={wandb: {api_key: ...}}``) with a secret inside."""
+    if not value.lstrip().startswith(("{", "[")):
+        return False
+    import yaml
+
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return False
+    return config(parsed) != parsed

@@ -198,6 +198,9 @@ class Plan:
             # Composer's MLflow logger drops a value equal to the previous one for 100 steps: an accuracy that
             # holds still would lose its points. Every evaluation is kept unless the YAML says otherwise.
             loggers["mlflow"] = {"log_duplicated_metric_every_n_steps": 1, **(loggers["mlflow"] or {})}
+        wandb_dir = ((loggers.get("wandb") or {}).get("init_kwargs") or {}).get("dir")
+        if wandb_dir and not storage.is_s3(str(wandb_dir)):
+            os.makedirs(str(wandb_dir), exist_ok=True)  # W&B falls back to the system's temp folder when it is missing
         remote = save if save and storage.is_s3(save) else None
         loggers.update(wire(MetricsJSONL, path=os.path.join(self.run_dir, "metrics.jsonl"), remote=remote))
         return loggers
