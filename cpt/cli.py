@@ -1,4 +1,4 @@
-"""``cpt``: schedule, convert, verify, train, quickstart, sweep, report, anneal, average, eval, export.
+"""``cpt``: schedule, convert, verify, train, quickstart, sweep, report, anneal, average, eval, export, predict.
 
 Each subcommand is a few lines over the modules that do the work; ``main`` turns every refusal (a bad config, an
 unreachable or untrusted file, a bad argument) into one line on stderr and exit code 2."""
@@ -146,6 +146,34 @@ def _verify(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from cpt.tools import predict
+
+    if args.action == "fit":
+        doc = predict.fit(args.runs, args.pretrain, args.out)
+        head = f"{'domain':<36} {'points':>6} {'R2':>7} {'RMSE':>8} {'max |res|':>9}"
+        print(f"{head}  L0, A, alpha, C, B, E, beta (+- 1 s.e.)")
+        for key, f in doc["domains"].items():
+            shown = ", ".join(f"{v:.3g}+-{f['stderr'][n]:.2g}" for n, v in f["params"].items())
+            fit = f"{f['points']:>6} {f['r2']:>7.4f} {f['rmse']:>8.4f} {f['max_abs_residual']:>9.4f}"
+            print(f"{key:<36} {fit}  {shown}")
+        print(f"wrote {args.out}")
+    elif args.action == "curve":
+        curves = predict.curve(args.law, args.config, args.overrides, args.out)
+        for key, y in sorted(curves.items()):
+            print(f"{key:<36} start {y[0]:.4f}  max {y.max():.4f}  end {y[-1]:.4f}")
+        print(f"wrote {args.out}.csv and {args.out}.png")
+    else:
+        rows = predict.sweep(args.law, args.config, args.overrides, args.grid, args.weight, args.png)
+        print(f"{'rank':>4} {'upstream':>9} {'downstream':>10} {'score':>8}  candidate")
+        for i, r in enumerate(rows, 1):
+            mark = "  (Pareto front)" if r["pareto"] else ""
+            print(f"{i:>4} {r['upstream']:>9.4f} {r['downstream']:>10.4f} {r['score']:>8.4f}  {r['candidate']}{mark}")
+        if args.png:
+            print(f"wrote {args.png}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cpt", description="Continual pre-training of Pythia models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -239,6 +267,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="the Hugging Face folder to write, local or s3://")
     _overwrite(p)
     p.set_defaults(fn=_export)
+
+    p = sub.add_parser("predict", help="fit the CPT loss law on short runs, then predict any schedule's curves")
+    acts = p.add_subparsers(dest="action", required=True)
+    q = acts.add_parser("fit", help="fit the law per domain on runs' metrics.jsonl")
+    q.add_argument("runs", nargs="+", metavar="RUN", help="run folders (local or s3://) holding metrics.jsonl")
+    q.add_argument("--pretrain", help="the base model's pre-training: a run folder or a schedule YAML")
+    q.add_argument("--out", required=True, help="where to write the law (JSON, local or s3://)")
+    q.set_defaults(fn=_predict)
+    q = acts.add_parser("curve", help="a candidate run's predicted curves (CSV and PNG)")
+    q.add_argument("law", help="law.json from cpt predict fit")
+    q.add_argument("config", help="the candidate's train YAML")
+    q.add_argument("overrides", nargs="*", help="key=value overrides, as for training")
+    q.add_argument("--out", default="predicted", help="writes OUT.csv and OUT.png (default: predicted)")
+    q.set_defaults(fn=_predict)
+    q = acts.add_parser("sweep", help="rank a grid of candidates by predicted final losses, with the Pareto front")
+    q.add_argument("law", help="law.json from cpt predict fit")
+    q.add_argument("config", help="the candidates' train YAML")
+    q.add_argument("overrides", nargs="*", help="key=value overrides common to every candidate")
+    q.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2", help="the values to try per key")
+    q.add_argument("--weight", type=float, default=0.5, help="upstream's weight in the score (default: 0.5)")
+    q.add_argument("--png", help="draw the candidates and the Pareto front")
+    q.set_defaults(fn=_predict)
     return parser
 
 

@@ -24,7 +24,13 @@ def test_every_yaml_validates(path, tmp_path):
 
     from cpt.tools.sweep import load_group
 
-    if "base" in OmegaConf.load(path):  # a sweep group (yamls/paper/): every run in it
+    if "pretrain" in OmegaConf.load(path):  # a base model's pre-training schedule (yamls/pretrain/, cpt predict)
+        from cpt.tools.predict import pretrain_schedule, schedule_lrs
+
+        lr, scheduler, clock, steps = pretrain_schedule(str(path))
+        lrs = schedule_lrs(lr, scheduler, clock, steps)
+        assert len(lrs) == steps and lrs.max() == pytest.approx(lr) and lrs[0] == 0.0
+    elif "base" in OmegaConf.load(path):  # a sweep group (yamls/paper/): every run in it
         runs = load_group(str(path), str(tmp_path))
         assert runs
         for run in runs:

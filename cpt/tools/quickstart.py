@@ -193,9 +193,56 @@ def write_report(work: str, runs: list[Run], steps: tuple[int, int]) -> tuple[st
         "downstream under each schedule. `next-word`: which of four words comes next in a downstream validation "
         f"document ({TASK} questions, zero-shot).",
     ]
+    law, law_lines = law_check(work, [r.label for r in runs])
+    numbers["law"] = law
     with open(path, "a") as fh:
-        fh.write("\n".join(lines) + "\n")
+        fh.write("\n".join(lines + law_lines) + "\n")
     return path, numbers
+
+
+LAW_GOAL = 0.02  # nats: the CPT law's final-loss error we aim for, and at most a quarter of the runs' spread
+
+
+def law_check(work: str, labels: list[str]) -> tuple[dict, list[str]]:
+    """Leave one out (``cpt predict``): the CPT law fitted on two of the continual runs predicts the third's whole
+    curve, upstream and downstream, from the same pre-training; the error at the end, the mean absolute error over
+    the curve, and the spread of the two fitted runs' final losses for scale."""
+    from cpt.optim.law import LawError
+    from cpt.tools.predict import leave_one_out
+
+    runs = {label: os.path.join(work, "runs", f"cpt-{label}") for label in labels}
+    pretrain = os.path.join(work, "runs", "pretrain")
+    out, rows = {}, []
+    for held in labels:
+        try:
+            out[held] = leave_one_out(runs, held, pretrain, ["upstream/all", "downstream/all"])
+        except LawError as exc:
+            out[held] = {"refused": str(exc)}
+            rows.append(f"| {held} | the fit was refused: {exc} | | | |")
+            continue
+        for key, r in out[held].items():
+            ok = abs(r["final_error"]) <= LAW_GOAL and abs(r["final_error"]) <= r["spread"] / 4
+            r["held"] = ok
+            rows.append(
+                f"| {held} | {key.split('/')[0]} | {r['final_error']:+.4f} | {r['mae']:.4f} | {r['spread']:.4f} | "
+                f"{'yes' if ok else 'NO'} |"
+            )
+    verdicts = [r.get("held", False) for v in out.values() for r in v.values() if isinstance(r, dict)]
+    lines = [
+        "",
+        "## The CPT law, leave one out",
+        "",
+        "`cpt predict` fitted on two of the runs (and the pre-training's LRs) predicts the third's whole curve. Goal: "
+        f"the final-loss error within {LAW_GOAL} nats and within a quarter of the fitted runs' spread.",
+        "",
+        "| predicted run | domain | error at the end | mean abs. error | spread of the fitted runs' ends | goal |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+        f"The goal held for {sum(verdicts)} of {len(verdicts)} predictions"
+        + ("." if all(verdicts) else f"; where it did not, the law's prediction is off by more than {LAW_GOAL} nats."),
+    ]
+    return out, lines
 
 
 def quickstart(

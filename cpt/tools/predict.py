@@ -1,0 +1,262 @@
+"""``cpt predict``: fit the CPT loss law (``cpt.optim.law``) on a few runs, then predict any schedule before paying
+for it.
+
+- ``fit RUN... [--pretrain RUN_OR_YAML] --out law.json``: per evaluated domain and blend, one parameter set for
+  every run's evaluations (its ``metrics.jsonl``: the losses, and the LR of every batch). The base model's own
+  pre-training enters through its areas: a cpt run, or a schedule YAML (``yamls/pretrain/pythia.yaml``).
+- ``curve law.json YAML [key=value ...]``: the candidate run's curves, its LR computed by cpt's own schedule
+  functions (the ones ``cpt schedule`` draws); a CSV and a PNG, with the measured points when the run exists.
+- ``sweep law.json YAML --grid key=v1,v2 ...``: every combination ranked by predicted final upstream and
+  downstream loss (``--weight``), the Pareto front marked, a table and a figure.
+
+Replay (``cpt.train.*.proportion``) is not in the law as fitted here: the paper models it with extra terms fitted
+on runs at several replay ratios, and cpt's runs do not vary it. A grid over it is refused, not guessed.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from cpt.io import storage, untrusted
+from cpt.optim import law
+from cpt.tools import report
+
+CE = "LanguageCrossEntropy"
+
+
+@dataclass
+class RunCurves:
+    label: str
+    lrs: np.ndarray  # the LR of batch 0 .. n-1
+    losses: dict[str, tuple[np.ndarray, np.ndarray]]  # "<dataset>/<domain>" -> (batches, losses)
+
+
+def read_run(path: str) -> RunCurves:
+    """A run's every-batch LR and its evaluations, from its ``metrics.jsonl`` (checked as untrusted)."""
+    run = report.load(path, label=os.path.basename(path.rstrip("/")))
+    key = report.lr_key(run)
+    if key is None:
+        raise law.LawError(f"{path}: metrics.jsonl logs no LR (add callbacks.lr_monitor: {{}} to the run)")
+    logged = {b: v for b, _, v in run.series(key)}
+    last = max(logged)
+    missing = [b for b in range(last) if b not in logged]
+    if missing:
+        raise law.LawError(f"{path}: the LR of batch {missing[0]} is not logged: the law needs every batch's LR")
+    losses = {}
+    for dataset in run.datasets():
+        for domain in run.domains(dataset):
+            points = [(b, v) for b, _, v in run.series(f"metrics/eval/{dataset}/{domain}/{CE}") if b <= last]
+            if points:
+                b, v = zip(*points)
+                losses[f"{dataset}/{domain}"] = (np.array(b), np.array(v, dtype=float))
+    return RunCurves(run.label, np.array([logged[b] for b in range(last)], dtype=float), losses)
+
+
+def pretrain_lrs(spec: str | None) -> np.ndarray:
+    """The base model's pre-training LRs: none (a model trained from scratch here), a cpt run's, or a schedule
+    YAML's (``pretrain: {lr, steps, scheduler}``, computed by cpt's schedule functions)."""
+    if not spec:
+        return np.empty(0)
+    if spec.endswith((".yaml", ".yml")):
+        return schedule_lrs(*pretrain_schedule(spec))
+    return read_run(spec).lrs
+
+
+def pretrain_schedule(path: str):
+    """``pretrain: {lr, steps, scheduler: {...}}`` from a YAML -> (lr, a scheduler, its clock, steps)."""
+    import yaml
+
+    from cpt.optim import schedules
+
+    with open(path) as fh:
+        doc = yaml.safe_load(fh)
+    section = doc.get("pretrain") if isinstance(doc, dict) else None
+    if not isinstance(section, dict) or set(section) != {"lr", "steps", "scheduler"}:
+        raise ValueError(f"{path}: expected pretrain: {{lr, steps, scheduler}} and nothing else")
+    lr, steps, sched = section["lr"], section["steps"], dict(section["scheduler"] or {})
+    if not isinstance(steps, int) or steps < 1 or not isinstance(lr, int | float) or lr <= 0:
+        raise ValueError(f"{path}: pretrain.lr must be positive and pretrain.steps a positive integer")
+    try:
+        scheduler = schedules.make_scheduler(sched.pop("name", ""), **sched)
+        clock = schedules.Clock(f"{steps}ba", 1)
+        scheduler.phases(clock)
+    except ValueError as exc:
+        raise ValueError(f"{path}: pretrain.scheduler: {exc}") from exc
+    return float(lr), scheduler, clock, steps
+
+
+def schedule_lrs(lr: float, scheduler, clock, steps: int) -> np.ndarray:
+    return np.array([lr * scheduler.multiplier(float(t), clock) for t in range(steps)])
+
+
+def fit(runs: list[str], pretrain: str | None, out: str, starts: int = 8) -> dict:
+    """Fit every domain that all the runs evaluated; write ``out`` (JSON) and return it."""
+    curves = [read_run(r) for r in runs]
+    pre = law.Pretrain.of(pretrain_lrs(pretrain))
+    keys = sorted(set.intersection(*(set(c.losses) for c in curves)))
+    if not keys:
+        raise law.LawError("the runs share no evaluated domain")
+    domains = {}
+    for key in keys:
+        data = [(law.areas(c.lrs, c.losses[key][0], pre), c.losses[key][1]) for c in curves]
+        domains[key] = law.fit(data, starts=starts).to_json()
+    doc = {
+        "formula": "L = L0 + A*(S1pt+S1cpt)^-alpha - C*S2 + B*(1-(1+E*S1cpt)^-beta)  (cpt.optim.law)",
+        "lambda": law.LAMBDA,
+        "pretrain": {"s1": pre.s1, "s2": pre.s2, "m": pre.m, "last_lr": pre.last_lr, "from": pretrain or None},
+        "runs": runs,
+        "domains": domains,
+    }
+    storage.write_bytes(out, json.dumps(doc, indent=1).encode())
+    return doc
+
+
+def load_law(path: str) -> tuple[law.Pretrain, dict[str, law.Fit]]:
+    """A ``law.json`` read back (checked): the pre-training areas and each domain's fit."""
+    doc = untrusted.record(path, "a fitted law")
+    try:
+        p = doc["pretrain"]
+        pre = law.Pretrain(float(p["s1"]), float(p["s2"]), float(p["m"]), float(p["last_lr"]))
+        fits = {str(k): law.Fit.from_json(v, f"{path}: domains.{k}") for k, v in dict(doc["domains"]).items()}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise law.LawError(f"{path}: not a law written by cpt predict fit ({exc!r})") from exc
+    return pre, fits
+
+
+def predicted(fits: dict[str, law.Fit], pre: law.Pretrain, lrs: np.ndarray) -> dict[str, np.ndarray]:
+    """Every domain's predicted loss after 0 .. len(lrs) batches."""
+    batches = np.arange(len(lrs) + 1)
+    a = law.areas(lrs, batches, pre)
+    return {k: law.predict(f.params, a) for k, f in fits.items()}
+
+
+def candidate_lrs(yaml_path: str, overrides: list[str]) -> tuple[np.ndarray, object]:
+    """A train YAML's LR of every batch, by cpt's own schedule functions (what ``cpt schedule`` draws)."""
+    from cpt import config
+
+    checked = config.check(config.load(yaml_path, overrides), yaml_path)
+    n = checked.total_batches
+    return np.array([checked.lr * checked.scheduler.multiplier(float(t), checked.clock) for t in range(n)]), checked
+
+
+def curve(law_path: str, yaml_path: str, overrides: list[str], out: str) -> dict[str, np.ndarray]:
+    """The candidate's predicted curves -> ``<out>.csv`` and ``<out>.png`` (measured points overlaid when the run
+    exists in its run folder)."""
+    pre, fits = load_law(law_path)
+    lrs, checked = candidate_lrs(yaml_path, overrides)
+    curves = predicted(fits, pre, lrs)
+    os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
+    with open(out + ".csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["batch", "lr", *curves])
+        for b in range(len(lrs) + 1):
+            w.writerow([b, lrs[b] if b < len(lrs) else "", *(f"{curves[k][b]:.6f}" for k in curves)])
+    measured = None
+    run_dir = os.path.join(checked.section.run_dir, checked.run_name)
+    if os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
+        measured = read_run(run_dir)
+    _draw_curves(curves, measured, out + ".png", checked.run_name)
+    return curves
+
+
+def _draw_curves(curves: dict[str, np.ndarray], measured: RunCurves | None, path: str, title: str) -> None:
+    from cpt.tools.figures import pyplot, save
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, (key, y) in enumerate(sorted(curves.items())):
+        color = f"C{i % 10}"
+        ax.plot(np.arange(len(y)), y, color=color, label=f"{key} (law)")
+        if measured is not None and key in measured.losses:
+            b, v = measured.losses[key]
+            ax.plot(b, v, "o", color=color, markersize=3, label=f"{key} (measured)")
+    ax.set_xlabel("batch")
+    ax.set_ylabel("loss (nats per token)")
+    ax.set_title(f"{title}: the CPT law's prediction")
+    ax.legend(fontsize=7)
+    save(fig, path)
+
+
+def sweep(
+    law_path: str, yaml_path: str, overrides: list[str], grid: list[str], weight: float, out: str | None,
+    upstream: str = "upstream/all", downstream: str = "downstream/all",
+) -> list[dict]:  # fmt: skip
+    """Every combination of ``grid`` (``key=v1,v2``), ranked by ``weight x upstream + (1 - weight) x downstream``
+    final loss; ``pareto`` marks the candidates no other beats on both."""
+    pre, fits = load_law(law_path)
+    for key in (upstream, downstream):
+        if key not in fits:
+            raise law.LawError(f"{law_path}: no fit for {key!r} (have: {', '.join(sorted(fits))})")
+    axes = []
+    for spec in grid:
+        key, eq, values = spec.partition("=")
+        if not eq or not values:
+            raise ValueError(f"--grid {spec!r}: expected key=v1,v2,...")
+        if key.startswith("cpt.train.") or "proportion" in key:
+            raise ValueError(
+                f"--grid {key}: replay is not in the law as fitted here (its runs do not vary the mixture); "
+                "fit runs at several replay ratios to predict it"
+            )
+        axes.append([f"{key}={v}" for v in values.split(",")])
+    rows = []
+    for combo in itertools.product(*axes):
+        lrs, _ = candidate_lrs(yaml_path, [*overrides, *combo])
+        curves = predicted({k: fits[k] for k in (upstream, downstream)}, pre, lrs)
+        up, down = float(curves[upstream][-1]), float(curves[downstream][-1])
+        rows.append({"candidate": " ".join(combo), "upstream": up, "downstream": down,
+                     "score": weight * up + (1 - weight) * down})  # fmt: skip
+    for r in rows:
+        r["pareto"] = not any(
+            o["upstream"] <= r["upstream"] and o["downstream"] <= r["downstream"] and o is not r
+            and (o["upstream"], o["downstream"]) != (r["upstream"], r["downstream"])
+            for o in rows
+        )  # fmt: skip
+    rows.sort(key=lambda r: r["score"])
+    if out:
+        _draw_front(rows, out, upstream, downstream)
+    return rows
+
+
+def _draw_front(rows: list[dict], path: str, upstream: str, downstream: str) -> None:
+    from cpt.tools.figures import pyplot, save
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for r in rows:
+        ax.plot(r["upstream"], r["downstream"], "o", color="C3" if r["pareto"] else "0.6")
+        ax.annotate(r["candidate"], (r["upstream"], r["downstream"]), fontsize=6, xytext=(3, 3),
+                    textcoords="offset points")  # fmt: skip
+    front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["upstream"])
+    ax.plot([r["upstream"] for r in front], [r["downstream"] for r in front], "-", color="C3", label="Pareto front")
+    ax.set_xlabel(f"predicted final {upstream} loss (forgetting: lower is better)")
+    ax.set_ylabel(f"predicted final {downstream} loss (adaptation: lower is better)")
+    ax.legend()
+    save(fig, path)
+
+
+def leave_one_out(runs: dict[str, str], held: str, pretrain: str | None, keys: list[str]) -> dict[str, dict]:
+    """Fit on every run but ``held``, predict ``held``'s whole curve per domain; returns, per domain, the error at
+    the end, the mean absolute error over the curve and the spread of the fitted runs' final losses."""
+    fitted = [read_run(p) for name, p in runs.items() if name != held]
+    target = read_run(runs[held])
+    pre = law.Pretrain.of(pretrain_lrs(pretrain))
+    out = {}
+    for key in keys:
+        data = [(law.areas(c.lrs, c.losses[key][0], pre), c.losses[key][1]) for c in fitted]
+        f = law.fit(data)
+        batches, measured = target.losses[key]
+        guess = law.predict(f.params, law.areas(target.lrs, batches, pre))
+        finals = [c.losses[key][1][-1] for c in fitted]
+        out[key] = {
+            "final_error": float(guess[-1] - measured[-1]),
+            "mae": float(np.mean(np.abs(guess - measured))),
+            "spread": float(max(finals) - min(finals)),
+            "r2_fit": f.r2,
+        }
+    return out
