@@ -164,11 +164,15 @@ def _predict(args: argparse.Namespace) -> int:
             print(f"{key:<36} start {y[0]:.4f}  max {y.max():.4f}  end {y[-1]:.4f}")
         print(f"wrote {args.out}.csv and {args.out}.png")
     else:
-        rows = predict.sweep(args.law, args.config, args.overrides, args.grid, args.weight, args.png)
+        rows = predict.sweep(
+            args.law, args.config, args.overrides, args.grid, args.weight, args.png, args.upstream, args.downstream
+        )
         print(f"{'rank':>4} {'upstream':>9} {'downstream':>10} {'score':>8}  candidate")
         for i, r in enumerate(rows, 1):
-            mark = "  (Pareto front)" if r["pareto"] else ""
+            mark = ("  (Pareto front)" if r["pareto"] else "") + ("  (extrapolated)" if r["extrapolated"] else "")
             print(f"{i:>4} {r['upstream']:>9.4f} {r['downstream']:>10.4f} {r['score']:>8.4f}  {r['candidate']}{mark}")
+        if any(r["extrapolated"] for r in rows):
+            print("warning: candidates marked (extrapolated) spend more forward area than any fitted run")
         if args.png:
             print(f"wrote {args.png}")
     return 0
@@ -288,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2", help="the values to try per key")
     q.add_argument("--weight", type=float, default=0.5, help="upstream's weight in the score (default: 0.5)")
     q.add_argument("--png", help="draw the candidates and the Pareto front")
+    q.add_argument("--upstream", help="upstream dataset name (default: pile, or upstream)")
+    q.add_argument("--downstream", help="downstream dataset name (default: slimpajama, or downstream)")
     q.set_defaults(fn=_predict)
     return parser
 

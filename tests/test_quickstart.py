@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 
+import pytest
+
 from cpt.run.checkpoints import MARKER
+from cpt.tools import report
 from cpt.tools.quickstart import quickstart
 from cpt.tools.report import directions
 
 
-def test_quickstart_reproduces_the_papers_directions(tmp_path):
-    s = quickstart(str(tmp_path / "qs"))
+@pytest.fixture(scope="module")
+def qs(tmp_path_factory):
+    """``cpt quickstart`` run once for the module: its folder and its summary."""
+    tmp_path = tmp_path_factory.mktemp("quickstart")
+    return tmp_path, quickstart(str(tmp_path / "qs"))
+
+
+def test_quickstart_reproduces_the_papers_directions(qs):
+    tmp_path, s = qs
     c, r1, r2 = s["constant"], s["rewarm-1x"], s["rewarm-2x"]
     # re-warming raises the loss on both domains during its first steps
     for r in (r1, r2):
@@ -34,6 +45,47 @@ def test_quickstart_reproduces_the_papers_directions(tmp_path):
     assert json.loads((tmp_path / "qs" / "summary.json").read_text()) == s
     # the pre-trained model was exported as a Hugging Face folder and every continual run started from it
     assert (tmp_path / "qs" / "pretrained" / "config.json").is_file()
+
+
+def test_predict_fits_curves_and_sweeps_the_quickstarts_runs(qs, capsys):
+    """``cpt predict`` on the quickstart's runs: the leave-one-out table is in the summary; ``fit`` on two runs and
+    ``curve`` on the third's YAML give the same final prediction as the leave-one-out (which used the LRs the run
+    logged, where ``curve`` computes them with the schedule functions); ``sweep`` ranks a grid with a front."""
+    from cpt.cli import main
+
+    tmp_path, s = qs
+    work = tmp_path / "qs"
+    law = json.loads((work / "law-check.json").read_text())
+    assert set(law) == {"constant", "rewarm-1x", "rewarm-2x"}
+    summary = (work / "summary.md").read_text()
+    assert "## The CPT law, leave one out" in summary
+    for held, domains in law.items():
+        for key, r in domains.items():
+            assert r["held"] == (abs(r["final_error"]) <= 0.02 and abs(r["final_error"]) <= r["spread"] / 4)
+            assert f"| {held} | {key.split('/')[0]} | {r['final_error']:+.4f} |" in summary
+    runs = [str(work / "runs" / f"cpt-{n}") for n in ("constant", "rewarm-1x")]
+    out = work / "law.json"
+    assert main(["predict", "fit", *runs, "--pretrain", str(work / "runs" / "pretrain"), "--out", str(out)]) == 0
+    fitted = json.loads(out.read_text())["domains"]
+    assert {"upstream/all", "downstream/all", "upstream/prose", "downstream/science"} <= set(fitted)
+    assert main(["predict", "curve", str(out), str(work / "cpt-rewarm-2x.yaml"), "--out", str(work / "pred")]) == 0
+    with open(work / "pred.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 101 and (work / "pred.png").read_bytes()[:4] == b"\x89PNG"
+    measured = report.load(str(work / "runs" / "cpt-rewarm-2x"))
+    end = measured.series("metrics/eval/upstream/all/LanguageCrossEntropy")[-1][2]
+    predicted_end = float(rows[-1]["upstream/all"])
+    assert predicted_end - end == pytest.approx(law["rewarm-2x"]["upstream/all"]["final_error"], abs=1e-5)
+    capsys.readouterr()
+    grid = ["--grid", "optimizer.lr=1e-3,5e-3,1e-2", "scheduler.t_warmup=0.05dur,0.2dur"]
+    assert (
+        main(["predict", "sweep", str(out), str(work / "cpt-rewarm-2x.yaml"), *grid, "--png", str(work / "f.png")]) == 0
+    )
+    table = capsys.readouterr().out
+    assert table.count("optimizer.lr=") == 6 and "(Pareto front)" in table
+    assert main(["predict", "sweep", str(out), str(work / "cpt-rewarm-2x.yaml"), "--grid",
+                 "cpt.train.downstream.proportion=0.5,1"]) == 2  # fmt: skip
+    assert "replay is not in the law" in capsys.readouterr().err
 
 
 def test_export_gives_the_checkpoints_logits(tmp_path):

@@ -23,6 +23,30 @@ README = ROOT / "README.md"
 EXTERNAL = ("python3 -m venv", ".venv/bin/python -m pytest", "huggingface-cli ", "aws s3 sync", "docker ")
 
 
+def write_law_runs(root: Path, *runs: tuple[str, float]) -> None:
+    """Run folders whose ``metrics.jsonl`` hold 2,000 batches' LRs (1% warmup, cosine to 0.1x) and the losses the CPT
+    law gives after Pythia's pre-training, every 50 batches, for ``pile`` and ``slimpajama``."""
+    import numpy as np
+
+    from cpt.optim import law
+    from cpt.tools.predict import pretrain_lrs
+
+    pre = law.Pretrain.of(pretrain_lrs(str(ROOT / "yamls" / "pretrain" / "pythia.yaml")))
+    n = np.arange(2000)
+    shape = np.where(n < 20, n / 20, 0.1 + 0.45 * (1 + np.cos(np.pi * (n - 20) / 1980)))
+    params = {"pile": [2.0, 0.5, 0.3, 20.0, 0.2, 50.0, 0.6], "slimpajama": [2.2, 0.5, 0.3, 20.0, -0.3, 50.0, 0.6]}
+    for name, lr in runs:
+        lrs = lr * shape
+        evals = np.arange(0, 2001, 50)
+        a = law.areas(lrs, evals, pre)
+        rows = [{"batch": int(b), "lr-DecoupledAdamW/group0": float(v)} for b, v in enumerate([*lrs, lrs[-1]])]
+        for dataset, p in params.items():
+            for b, loss in zip(evals, law.predict(np.array(p), a)):
+                rows.append({"batch": int(b), f"metrics/eval/{dataset}/all/LanguageCrossEntropy": float(loss)})
+        (root / name).mkdir(parents=True)
+        (root / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def readme_commands() -> list[str]:
     """Every command in the README's ``bash`` blocks, continuations joined and comments dropped."""
     blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
@@ -43,7 +67,7 @@ def run(cmd: list[str], cwd: Path, env: dict | None = None) -> str:
 
 def test_every_readme_command_is_handled():
     handled = ("python convert/", "cpt schedule", "cpt sweep", "composer -n", "cpt train", "cpt report", "cpt export")
-    handled += ("cpt anneal", "cpt average", "cpt eval")
+    handled += ("cpt anneal", "cpt average", "cpt eval", "cpt predict")
     for cmd in readme_commands():
         assert cmd.startswith(handled + EXTERNAL), f"README command not exercised by tests/test_readme.py: {cmd}"
 
@@ -90,6 +114,10 @@ def test_readme_workflow(tmp_path, s3_bucket):
     # a finished tiny run for `cpt report` and `cpt export`
     domains = {"upstream": {"Pile-CC": "prose"}, "downstream": {"Github": "code"}}
     project = synthetic.tiny_project(tmp_path / "tiny", domains, {"train": 40, "val": 10})
+
+    # two short runs for `cpt predict fit`: every batch's LR and an evaluation every 50, by the law itself
+    short = ("pythia-410m-cpt-warm1-lr1.5e-4", 1.5e-4), ("pythia-410m-cpt-warm1-lr6e-4", 6e-4)
+    write_law_runs(tmp_path / "runs", *short)
 
     subs = {
         "s3://my-bucket/runs/pythia-410m-cpt-warm1-lr6e-4/checkpoints": f"{bucket}/runs/my-run/checkpoints",
@@ -138,6 +166,8 @@ def test_readme_workflow(tmp_path, s3_bucket):
         done.append(argv[0] if argv[0] != "cpt" else f"cpt {argv[1]}")
 
     assert done.count("python") == 4 and "composer" in done and {"cpt report", "cpt export"} <= set(done)
+    assert done.count("cpt predict") == 3 and (tmp_path / "predicted.csv").is_file()
+    assert (tmp_path / "law.json").is_file() and (tmp_path / "front.png").is_file()
     assert done.count("cpt eval") == 2 and storage.exists(f"{bucket}/tasks/hellaswag.jsonl")
     for out in ("eval-final", "eval-curve"):
         assert (tmp_path / out / "eval.json").is_file(), out

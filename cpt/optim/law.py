@@ -202,6 +202,8 @@ def fit(runs: list[tuple[Areas, np.ndarray]], starts: int = 8, seed: int = 0) ->
     rng = np.random.default_rng(seed)
     s1_all = np.concatenate([a.s1 for a, _ in runs])
     scale = float(np.median(s1_all[s1_all > 0])) if np.any(s1_all > 0) else 1.0
+    cpt_all = np.concatenate([a.s1_cpt for a, _ in runs])
+    cpt_scale = float(np.median(cpt_all[cpt_all > 0])) if np.any(cpt_all > 0) else 1.0  # where the shift acts
     best = None
     for k in range(starts):
         alpha = rng.uniform(0.1, 1.0)
@@ -211,7 +213,7 @@ def fit(runs: list[tuple[Areas, np.ndarray]], starts: int = 8, seed: int = 0) ->
             alpha,
             rng.uniform(0.0, 1.0) * (0.0 if k == 0 else 1.0),
             rng.uniform(-1.0, 1.0) * (y.max() - y.min() + 1e-3),
-            rng.uniform(0.1, 10.0) / max(scale, 1e-9),
+            rng.uniform(0.1, 10.0) / max(cpt_scale, 1e-9),
             rng.uniform(0.2, 2.0),
         ])  # fmt: skip
         p0 = np.clip(p0, LOWER + 1e-9, UPPER - 1e-9)

@@ -111,22 +111,33 @@ def fit(runs: list[str], pretrain: str | None, out: str, starts: int = 8) -> dic
         "lambda": law.LAMBDA,
         "pretrain": {"s1": pre.s1, "s2": pre.s2, "m": pre.m, "last_lr": pre.last_lr, "from": pretrain or None},
         "runs": runs,
+        "s1_cpt_max": max(float(c.lrs.sum()) for c in curves),  # the largest forward area a fitted run spent
         "domains": domains,
     }
     storage.write_bytes(out, json.dumps(doc, indent=1).encode())
     return doc
 
 
-def load_law(path: str) -> tuple[law.Pretrain, dict[str, law.Fit]]:
-    """A ``law.json`` read back (checked): the pre-training areas and each domain's fit."""
+def load_law(path: str) -> tuple[law.Pretrain, dict[str, law.Fit], float]:
+    """A ``law.json`` read back (checked): the pre-training areas, each domain's fit, and the largest forward area a
+    fitted run spent (beyond it the law extrapolates)."""
     doc = untrusted.record(path, "a fitted law")
     try:
         p = doc["pretrain"]
         pre = law.Pretrain(float(p["s1"]), float(p["s2"]), float(p["m"]), float(p["last_lr"]))
         fits = {str(k): law.Fit.from_json(v, f"{path}: domains.{k}") for k, v in dict(doc["domains"]).items()}
+        fitted = float(doc["s1_cpt_max"])
     except (KeyError, TypeError, ValueError) as exc:
         raise law.LawError(f"{path}: not a law written by cpt predict fit ({exc!r})") from exc
-    return pre, fits
+    return pre, fits, fitted
+
+
+def extrapolation(fitted: float, lrs: np.ndarray) -> str | None:
+    """A warning when a candidate spends more forward area than any fitted run: the law extrapolates there."""
+    spent = float(lrs.sum())
+    if spent > fitted * 1.05:
+        return f"extrapolating: the candidate's forward area ({spent:.4g}) is {spent / fitted:.1f}x the largest fitted"
+    return None
 
 
 def predicted(fits: dict[str, law.Fit], pre: law.Pretrain, lrs: np.ndarray) -> dict[str, np.ndarray]:
@@ -148,8 +159,10 @@ def candidate_lrs(yaml_path: str, overrides: list[str]) -> tuple[np.ndarray, obj
 def curve(law_path: str, yaml_path: str, overrides: list[str], out: str) -> dict[str, np.ndarray]:
     """The candidate's predicted curves -> ``<out>.csv`` and ``<out>.png`` (measured points overlaid when the run
     exists in its run folder)."""
-    pre, fits = load_law(law_path)
+    pre, fits, fitted = load_law(law_path)
     lrs, checked = candidate_lrs(yaml_path, overrides)
+    if warning := extrapolation(fitted, lrs):
+        print(f"warning: {warning}")
     curves = predicted(fits, pre, lrs)
     os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
     with open(out + ".csv", "w", newline="") as fh:
@@ -185,11 +198,18 @@ def _draw_curves(curves: dict[str, np.ndarray], measured: RunCurves | None, path
 
 def sweep(
     law_path: str, yaml_path: str, overrides: list[str], grid: list[str], weight: float, out: str | None,
-    upstream: str = "upstream/all", downstream: str = "downstream/all",
+    upstream: str | None = None, downstream: str | None = None,
 ) -> list[dict]:  # fmt: skip
     """Every combination of ``grid`` (``key=v1,v2``), ranked by ``weight x upstream + (1 - weight) x downstream``
-    final loss; ``pareto`` marks the candidates no other beats on both."""
-    pre, fits = load_law(law_path)
+    final loss (each dataset's ``all``: by default ``pile`` and ``slimpajama``, else ``upstream`` and
+    ``downstream``, as ``cpt report``); ``pareto`` marks the candidates no other beats on both."""
+    pre, fits, fitted = load_law(law_path)
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"--weight {weight} must be in [0, 1]")
+    if upstream is None and downstream is None:
+        pair = next((p for p in (("pile", "slimpajama"), ("upstream", "downstream")) if f"{p[0]}/all" in fits), None)
+        upstream, downstream = pair or ("upstream", "downstream")
+    upstream, downstream = f"{upstream}/all", f"{downstream}/all"
     for key in (upstream, downstream):
         if key not in fits:
             raise law.LawError(f"{law_path}: no fit for {key!r} (have: {', '.join(sorted(fits))})")
@@ -210,7 +230,8 @@ def sweep(
         curves = predicted({k: fits[k] for k in (upstream, downstream)}, pre, lrs)
         up, down = float(curves[upstream][-1]), float(curves[downstream][-1])
         rows.append({"candidate": " ".join(combo), "upstream": up, "downstream": down,
-                     "score": weight * up + (1 - weight) * down})  # fmt: skip
+                     "score": weight * up + (1 - weight) * down,
+                     "extrapolated": extrapolation(fitted, lrs) is not None})  # fmt: skip
     for r in rows:
         r["pareto"] = not any(
             o["upstream"] <= r["upstream"] and o["downstream"] <= r["downstream"] and o is not r

@@ -194,7 +194,8 @@ def write_report(work: str, runs: list[Run], steps: tuple[int, int]) -> tuple[st
         f"document ({TASK} questions, zero-shot).",
     ]
     law, law_lines = law_check(work, [r.label for r in runs])
-    numbers["law"] = law
+    with open(os.path.join(work, "law-check.json"), "w") as fh:  # beside summary.json, whose shape stays the runs'
+        json.dump(law, fh, indent=2)
     with open(path, "a") as fh:
         fh.write("\n".join(lines + law_lines) + "\n")
     return path, numbers
