@@ -478,3 +478,22 @@ def test_examples_longer_than_the_sequence_are_counted_per_task(tiny, tmp_path, 
     with caplog.at_level(logging.WARNING, logger="cpt"):
         Plan.from_config(load_tiny(tiny, task), "tiny")
     assert "cpt.eval.tasks.lm: 1 of 3 examples are longer than max_seq_len=64 tokens" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "longest, fewshot, seq_len, expected",
+    [
+        ({"a": 40, "b": 100}, 0, 2048, 128),  # 100 + 8, rounded up to 64s
+        ({"a": 56}, 0, 2048, 64),  # 56 + 8 = 64 exactly
+        ({"a": 57}, 0, 2048, 128),
+        ({"a": 2000}, 0, 2048, 2048),  # never above max_seq_len
+        ({"a": 40}, 1, 2048, 2048),  # few-shot prompts are not measured: the full length
+        ({}, 0, 2048, 2048),
+    ],
+)
+def test_task_examples_are_padded_to_the_longest_not_the_sequence(longest, fewshot, seq_len, expected):
+    from cpt.eval.tasks import padded_length
+    from cpt.spec import Task
+
+    tasks = {name: Task(path="x.jsonl", kind="multiple_choice", fewshot=fewshot) for name in longest or {"a": 0}}
+    assert padded_length(tasks, longest, seq_len) == expected

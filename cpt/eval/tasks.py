@@ -111,10 +111,9 @@ def prepare(tasks: dict[str, Task]) -> dict[str, str]:
     return out
 
 
-def too_long(path: str, kind: str, tokenizer, seq_len: int) -> tuple[int, int]:
-    """``(examples longer than seq_len tokens, examples)`` of a checked task file: the longest prompt and answer
-    of each (llm-foundry cuts such a context from the left, so its question loses its beginning)."""
-    longer, total = 0, 0
+def lengths(path: str, kind: str, tokenizer) -> list[int]:
+    """Each example's tokens in a checked task file: its longest prompt and answer."""
+    out = []
     with open(path, "rb") as fh:
         for _, raw in untrusted.lines(fh, path):
             if not raw.strip():
@@ -126,28 +125,43 @@ def too_long(path: str, kind: str, tokenizer, seq_len: int) -> tuple[int, int]:
                 texts = [row["query"] + " " + c for c in row["choices"]]
             else:
                 texts = [o + " " + row["continuation"] for o in row["context_options"]]
-            total += 1
-            longer += max(len(e.ids) for e in tokenizer.encode_batch(texts)) > seq_len
-    return longer, total
+            out.append(max(len(e.ids) for e in tokenizer.encode_batch(texts)))
+    return out
 
 
-def warn_cut(tasks: dict[str, Task], files: dict[str, str], model_dir: str, seq_len: int) -> dict[str, int]:
-    """Log, per task, how many examples are longer than the run's sequence length; returns the counts."""
+PAD_MARGIN, PAD_STEP = 8, 64  # tokens: llm-foundry tokenizes context and answer apart (a few more); a round size
+
+
+def padded_length(tasks: dict[str, Task], longest: dict[str, int], seq_len: int) -> int:
+    """The length llm-foundry pads every task example to (``icl_seq_len``): the longest example, with a margin and
+    rounded up, never above ``seq_len``. llm-foundry pads the language-modelling, multiple-choice and schema kinds
+    on the right, so a shorter padding changes no logit of the example. Few-shot prompts are not measured here:
+    with any ``fewshot`` the full ``seq_len`` is kept."""
+    if not tasks or any(t.fewshot for t in tasks.values()) or not longest:
+        return seq_len
+    need = max(longest.values()) + PAD_MARGIN
+    return min(seq_len, -(-need // PAD_STEP) * PAD_STEP)
+
+
+def measure(tasks: dict[str, Task], files: dict[str, str], model_dir: str, seq_len: int) -> tuple[dict, dict]:
+    """Per task, how many examples are longer than the run's sequence length (logged: llm-foundry cuts their
+    context from the left, so a question loses its beginning) and its longest example; returns both."""
     path = os.path.join(model_dir, "tokenizer.json")
     if not tasks or not os.path.isfile(path):
-        return {}
+        return {}, {}
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(path)
-    cut = {}
+    cut, longest = {}, {}
     for name, task in tasks.items():
-        cut[name], total = too_long(files[name], task.kind, tokenizer, seq_len)
+        sizes = lengths(files[name], task.kind, tokenizer)
+        cut[name], total, longest[name] = sum(n > seq_len for n in sizes), len(sizes), max(sizes, default=0)
         if cut[name]:
             log.warning(
                 "cpt.eval.tasks.%s: %d of %d examples are longer than max_seq_len=%d tokens: llm-foundry cuts their "
                 "context from the left", name, cut[name], total, seq_len,
             )  # fmt: skip
-    return cut
+    return cut, longest
 
 
 def icl_tasks(section: Cpt, files: dict[str, str]) -> list[dict]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import inspect
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from cpt.run.metrics_log import ConfigLog, MetricsJSONL
 from cpt.run.samples import SampleLog
 from cpt.run.upload import CheckpointUpload
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -48,6 +51,7 @@ class Plan:
     staging: str | None  # where Composer saves before cpt uploads (s3:// save folder, or sharded checkpoints)
     resume: Checkpoint | None  # the checkpoint to resume from, its name a local path; None: base weights only
     init: Checkpoint | None  # cpt.init's checkpoint, a local path (only when there is nothing to resume)
+    icl_seq_len: int | None = None  # what task examples are padded to (the longest, not max_seq_len), if shorter
 
     @classmethod
     def from_config(cls, cfg: DictConfig, path: str = "config") -> Plan:
@@ -86,7 +90,11 @@ class Plan:
         domains.blend_weights(section, evals)  # a blend naming an unknown domain fails now
         cache = run_cache(checked)
         task_files = tasks.prepare(section.eval.tasks)  # a missing or malformed task file fails now
-        tasks.warn_cut(section.eval.tasks, task_files, model_dir, checked.seq_len)
+        _, longest = tasks.measure(section.eval.tasks, task_files, model_dir, checked.seq_len)
+        padded = tasks.padded_length(section.eval.tasks, longest, checked.seq_len)
+        if padded < checked.seq_len:
+            log.info("task examples are padded to %d tokens (the longest has %d), not max_seq_len=%d",
+                     padded, max(longest.values()), checked.seq_len)  # fmt: skip
         save = checked.save_folder
         staged = bool(save) and (storage.is_s3(save) or checked.sharded)
         resume = _resume_point(save, cache, path)
@@ -108,6 +116,7 @@ class Plan:
             staging=os.path.join(cache, "staging") if staged else None,
             resume=resume,
             init=init,
+            icl_seq_len=padded if padded < checked.seq_len else None,
         )
 
     @property
@@ -155,6 +164,8 @@ class Plan:
             callbacks.update(wire(domains.DomainMetrics, blends=domains.blend_weights(section, self.eval_manifests)))
         if section.eval.tasks:
             out.icl_tasks = tasks.icl_tasks(section, self.task_files)
+            if self.icl_seq_len and not out.get("icl_seq_len"):  # the YAML's own value wins
+                out.icl_seq_len = self.icl_seq_len  # llm-foundry pads every example to it: the longest, not 2048
         if section.eval.datasets or section.eval.tasks:
             out.eval_first = section.eval.first
             callbacks.update(wire(domains.EvalCadence, **cadence(self.checked)))
