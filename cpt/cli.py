@@ -96,7 +96,9 @@ def _report(args: argparse.Namespace) -> int:
     from cpt.tools import report
 
     runs = [report.load(r) for r in args.runs]
-    path = report.report(runs, args.out, args.upstream, args.downstream, args.baseline, args.early, args.overwrite)
+    path = report.report(
+        runs, args.out, args.upstream, args.downstream, args.baseline, args.early, args.overwrite, args.law
+    )
     print(f"wrote {path}")
     return 0
 
@@ -224,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="report", help="output folder, local or s3:// (default: ./report)")
     p.add_argument("--upstream", help="upstream dataset name (default: pile, or upstream)")
     p.add_argument("--downstream", help="downstream dataset name (default: slimpajama, or downstream)")
+    p.add_argument("--law", help="a law from cpt predict fit: each run's predicted curves drawn over its measured ones")
     p.add_argument("--baseline", help="the run without re-warming (its label): check the papers' six directions")
     p.add_argument(
         "--early", type=float, default=0.25, help="'at first': each run's first fraction of batches (default: 0.25)"

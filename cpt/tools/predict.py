@@ -39,15 +39,19 @@ class RunCurves:
 
 def read_run(path: str) -> RunCurves:
     """A run's every-batch LR and its evaluations, from its ``metrics.jsonl`` (checked as untrusted)."""
-    run = report.load(path, label=os.path.basename(path.rstrip("/")))
+    return curves_of(report.load(path, label=os.path.basename(path.rstrip("/"))), path)
+
+
+def curves_of(run: report.Run, where: str) -> RunCurves:
+    """A loaded run's every-batch LR and its evaluations; ``LawError`` when a batch's LR is missing."""
     key = report.lr_key(run)
     if key is None:
-        raise law.LawError(f"{path}: metrics.jsonl logs no LR (add callbacks.lr_monitor: {{}} to the run)")
+        raise law.LawError(f"{where}: metrics.jsonl logs no LR (add callbacks.lr_monitor: {{}} to the run)")
     logged = {b: v for b, _, v in run.series(key)}
     last = max(logged)
     missing = [b for b in range(last) if b not in logged]
     if missing:
-        raise law.LawError(f"{path}: the LR of batch {missing[0]} is not logged: the law needs every batch's LR")
+        raise law.LawError(f"{where}: the LR of batch {missing[0]} is not logged: the law needs every batch's LR")
     losses = {}
     for dataset in run.datasets():
         for domain in run.domains(dataset):

@@ -7,16 +7,18 @@ twice. A run still going is drawn up to its last logged batch.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cpt.eval.tasks import PREFIX as TASKS
 from cpt.io import storage, untrusted
 from cpt.tools.figures import pyplot, save, token_axis
 
 CE = "LanguageCrossEntropy"
+log = logging.getLogger(__name__)
 EARLY = 0.25  # "at first": each run's first quarter (from batch 2: batches 0 and 1 of a re-warm train at LR 0)
 
 
@@ -149,16 +151,18 @@ def report(
     baseline: str | None = None,
     early: float = EARLY,
     overwrite: bool = False,
+    law: str | None = None,
 ) -> str:
     """Write ``loss.png``, ``lr.png``, ``forgetting.png``, ``tasks.png`` (when tasks were evaluated) and
     ``summary.md`` into ``out`` (local or ``s3://``); with ``baseline`` (the run without re-warming), the papers'
-    directions checked. Returns the summary's path."""
+    directions checked; with ``law`` (``cpt predict fit``'s JSON), each run's predicted curves drawn dashed over its
+    measured ones, from the LRs it logged. Returns the summary's path."""
     if baseline is not None and baseline not in {r.label for r in runs}:
         raise ValueError(f"--baseline {baseline!r} is not one of the runs ({', '.join(r.label for r in runs)})")
     if not 0 < early <= 1:
         raise ValueError(f"--early {early} must be a fraction of each run in (0, 1]")
     with storage.Destination(out, "cpt report --out", overwrite, files=FILES) as local:
-        _write(runs, local, upstream, downstream, baseline, early)
+        _write(runs, local, upstream, downstream, baseline, early, law)
     return storage.join(out, "summary.md")
 
 
@@ -253,6 +257,7 @@ class _Canvas:
     by_label: dict[str, Run]
     scale: float
     xlabel: str
+    predicted: dict = field(default_factory=dict)  # label -> {dataset: (tokens, the law's losses)}
 
     def style(self, label: str) -> dict:
         """A run's line style, points marked (a branch with its own marker)."""
@@ -271,7 +276,10 @@ def _loss_png(c: _Canvas, path: str) -> None:
     fig, axes = pyplot().subplots(1, 2, figsize=(11, 4))
     for run in c.runs:
         for ax, ds in zip(axes, (c.up, c.down)):
-            ax.plot(*c.series(run, ALL.format(ds)), label=run.label, **c.style(run.label))
+            line = ax.plot(*c.series(run, ALL.format(ds)), label=run.label, **c.style(run.label))[0]
+            if ds in c.predicted.get(run.label, {}):
+                x, y = c.predicted[run.label][ds]
+                ax.plot(x, y, "--", color=line.get_color(), linewidth=0.9, label=f"{run.label} (CPT law)")
     for ax, ds, what in zip(axes, (c.up, c.down), ("upstream", "downstream")):
         ax.set(title=f"{what} ({ds}) validation loss", xlabel=c.xlabel, ylabel="cross-entropy")
         ax.grid(alpha=0.3)
@@ -347,13 +355,16 @@ def _tasks_png(c: _Canvas, tasks: list[str], path: str) -> None:
 
 
 def _write(
-    runs: list[Run], out: str, upstream: str | None, downstream: str | None, baseline: str | None, early: float
-) -> None:
+    runs: list[Run], out: str, upstream: str | None, downstream: str | None, baseline: str | None, early: float,
+    law: str | None = None,
+) -> None:  # fmt: skip
     up, down = pick_pair(runs, upstream, downstream)
     os.makedirs(out, exist_ok=True)
     scale, xlabel = token_axis(max((r.get("tokens", 0) for run in runs for r in run.rows.values()), default=0))
     branch_of = families(runs)
     c = _Canvas(runs, up, down, _family_style(runs), branch_of, {r.label: r for r in runs}, scale, xlabel)
+    if law:
+        c.predicted = _law_curves(runs, law, (up, down), scale)
     _loss_png(c, os.path.join(out, "loss.png"))
     if branch_of:
         _families_png(c, os.path.join(out, "families.png"))
@@ -364,6 +375,26 @@ def _write(
     if tasks:
         _tasks_png(c, tasks, os.path.join(out, "tasks.png"))
     _summary_md(c, numbers, tasks, baseline, early, os.path.join(out, "summary.md"))
+
+
+def _law_curves(runs: list[Run], law_path: str, datasets: tuple[str, str], scale: float) -> dict:
+    """Each run's curves as the law predicts them from the LRs it logged, against tokens."""
+    from cpt.tools import predict
+
+    pre, fits, _ = predict.load_law(law_path)
+    out = {}
+    for run in runs:
+        try:
+            lrs = predict.curves_of(run, run.label).lrs
+        except ValueError as exc:  # a branch logs its LRs from the branch point on: the law needs them all
+            log.warning("no CPT law curve for %s: %s", run.label, exc)
+            continue
+        keys = {ds: f"{ds}/all" for ds in datasets if f"{ds}/all" in fits}
+        curves = predict.predicted({k: fits[k] for k in keys.values()}, pre, lrs)
+        per_batch = max((r.get("tokens", 0) for r in run.rows.values()), default=0) / max(run.last_batch, 1)
+        x = [b * per_batch / scale for b in range(len(lrs) + 1)]
+        out[run.label] = {ds: (x, curves[key]) for ds, key in keys.items()}
+    return out
 
 
 def _summary_md(c: _Canvas, numbers: dict, tasks: list[str], baseline: str | None, early: float, path: str) -> None:
