@@ -302,6 +302,13 @@ def test_the_branches_demo_runs_and_says_what_held(tmp_path):
     for f in ("loss.png", "lr.png", "summary.md", "branches/trunk-anneal12-1-sqrt-4ba.yaml"):
         assert (tmp_path / "demo" / f).is_file(), f
     assert "- `trunk-anneal20-1-sqrt-4ba` leaves `trunk`" in (tmp_path / "demo" / "summary.md").read_text()
+    # the CPT law fitted on the trunk and its last branch predicts the cosine run (or says why it cannot)
+    law = s["law"]
+    if "refused" in law:
+        assert law["refused"] in text
+    else:
+        assert set(law) == {"upstream/all", "downstream/all"}
+        assert f"| upstream | {law['upstream/all']['final_error']:+.4f} |" in text
 
 
 def test_outputs_are_never_overwritten_silently_nor_written_into_the_save_folder(trunk, tmp_path, capsys, caplog):

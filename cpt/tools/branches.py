@@ -113,9 +113,40 @@ def branches_demo(work: str = "quickstart-branches", steps: int = STEPS, every: 
         overwrite=True,
     )
     summary = {"loss": losses, "steps": steps, "branch_length": length, "averaged_batches": batches}
+    summary["law"] = law_check(run_dir, branches[1])
     _write(work, summary, branches)
     print(f"done in {time.perf_counter() - t0:.0f}s: {os.path.join(work, 'branches.md')}")
     return summary
+
+
+def law_check(run_dir: str, branch) -> dict:
+    """``cpt predict``'s law fitted on the trunk and the branch that ends with it (from scratch: no pre-training)
+    predicts the cosine run, upstream and downstream: its error at the end and its mean absolute error."""
+    from cpt.optim import law
+    from cpt.tools import predict
+
+    try:
+        trunk = predict.read_run(os.path.join(run_dir, "trunk"))
+        ending = predict.branch_curves(trunk, os.path.join(run_dir, branch.name), branch.at)
+        cosine = predict.read_run(os.path.join(run_dir, "cosine"))
+        return predict.predict_held([trunk, ending], cosine, law.Pretrain.of([]), ["upstream/all", "downstream/all"])
+    except law.LawError as exc:
+        return {"refused": str(exc)}
+
+
+def _law_lines(found: dict) -> list[str]:
+    if "refused" in found:
+        return ["", f"The CPT law could not be fitted on the trunk and its last branch: {found['refused']}", ""]
+    lines = [
+        "",
+        "The CPT law (`cpt predict`) fitted on the trunk and the branch that ends with it, predicting the cosine run:",
+        "",
+        "| domain | error at the end | mean abs. error | the fitted runs' ends differ by |",
+        "|---|---|---|---|",
+    ]
+    for key, v in found.items():
+        lines.append(f"| {key.split('/')[0]} | {v['final_error']:+.4f} | {v['mae']:.4f} | {v['spread']:.4f} |")
+    return lines + [""]
 
 
 def _write(work: str, summary: dict, branches) -> None:
@@ -151,6 +182,7 @@ def _write(work: str, summary: dict, branches) -> None:
         "",
     ]
     lines += [f"- {'yes' if ok else 'NO'}: {claim}" for claim, ok in held.items()]
+    lines += _law_lines(summary["law"])
     lines += ["", "![loss](loss.png)", "", "![learning rate](lr.png)", ""]
     with open(os.path.join(work, "branches.md"), "w") as fh:
         fh.write("\n".join(lines))

@@ -265,16 +265,32 @@ def _draw_front(rows: list[dict], path: str, upstream: str, downstream: str) -> 
     save(fig, path)
 
 
-def leave_one_out(runs: dict[str, str], held: str, pretrain: str | None, keys: list[str]) -> dict[str, dict]:
-    """Fit on every run but ``held``, predict ``held``'s whole curve per domain; returns, per domain, the error at
-    the end, the mean absolute error over the curve and the spread of the fitted runs' final losses."""
-    fitted = [read_run(p) for name, p in runs.items() if name != held]
-    target = read_run(runs[held])
-    pre = law.Pretrain.of(pretrain_lrs(pretrain))
+def branch_curves(trunk: RunCurves, branch_path: str, at: int) -> RunCurves:
+    """A branch's curves with its whole LR history: the trunk's LRs up to the branch point, then its own (a branch
+    logs from the branch point on)."""
+    run = report.load(branch_path, label=os.path.basename(branch_path.rstrip("/")))
+    key = report.lr_key(run)
+    own = {b: v for b, _, v in run.series(key)} if key else {}
+    last = max(own, default=at)
+    if any(b not in own for b in range(at, last)) or len(trunk.lrs) < at:
+        raise law.LawError(f"{branch_path}: its LRs from batch {at} on, or the trunk's before it, are not all logged")
+    lrs = np.concatenate([trunk.lrs[:at], [own[b] for b in range(at, last)]])
+    tail = RunCurves(run.label, lrs, {})
+    for dataset in run.datasets():
+        for domain in run.domains(dataset):
+            points = [(b, v) for b, _, v in run.series(f"metrics/eval/{dataset}/{domain}/{CE}") if at <= b <= last]
+            if points:
+                b, v = zip(*points)
+                tail.losses[f"{dataset}/{domain}"] = (np.array(b), np.array(v, dtype=float))
+    return tail
+
+
+def predict_held(fitted: list[RunCurves], target: RunCurves, pre: law.Pretrain, keys: list[str]) -> dict[str, dict]:
+    """Fit on ``fitted``, predict ``target``'s evaluations per domain: the error at the end, the mean absolute
+    error over the curve, the spread of the fitted runs' final losses and the fit's R²."""
     out = {}
     for key in keys:
-        data = [(law.areas(c.lrs, c.losses[key][0], pre), c.losses[key][1]) for c in fitted]
-        f = law.fit(data)
+        f = law.fit([(law.areas(c.lrs, c.losses[key][0], pre), c.losses[key][1]) for c in fitted])
         batches, measured = target.losses[key]
         guess = law.predict(f.params, law.areas(target.lrs, batches, pre))
         finals = [c.losses[key][1][-1] for c in fitted]
@@ -285,3 +301,9 @@ def leave_one_out(runs: dict[str, str], held: str, pretrain: str | None, keys: l
             "r2_fit": f.r2,
         }
     return out
+
+
+def leave_one_out(runs: dict[str, str], held: str, pretrain: str | None, keys: list[str]) -> dict[str, dict]:
+    """Fit on every run but ``held``, predict ``held``'s whole curve per domain (``predict_held``)."""
+    fitted = [read_run(p) for name, p in runs.items() if name != held]
+    return predict_held(fitted, read_run(runs[held]), law.Pretrain.of(pretrain_lrs(pretrain)), keys)
