@@ -96,9 +96,12 @@ def _report(args: argparse.Namespace) -> int:
     from cpt.tools import report
 
     runs = [report.load(r) for r in args.runs]
-    path = report.report(
-        runs, args.out, args.upstream, args.downstream, args.baseline, args.early, args.overwrite, args.law
-    )
+    law = None
+    if args.law:
+        from cpt.tools.predict import overlay
+
+        law = overlay(runs, args.law)
+    path = report.report(runs, args.out, args.upstream, args.downstream, args.baseline, args.early, args.overwrite, law)
     print(f"wrote {path}")
     return 0
 
@@ -158,7 +161,8 @@ def _predict(args: argparse.Namespace) -> int:
         for key, f in doc["domains"].items():
             shown = ", ".join(f"{v:.3g}+-{f['stderr'][n]:.2g}" for n, v in f["params"].items())
             fit = f"{f['points']:>6} {f['r2']:>7.4f} {f['rmse']:>8.4f} {f['max_abs_residual']:>9.4f}"
-            print(f"{key:<36} {fit}  {shown}")
+            note = "" if f["converged"] else "  (stopped at the iteration limit: not converged)"
+            print(f"{key:<36} {fit}  {shown}{note}")
         print(f"wrote {args.out}")
     elif args.action == "curve":
         curves = predict.curve(args.law, args.config, args.overrides, args.out)

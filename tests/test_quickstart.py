@@ -78,8 +78,10 @@ def test_predict_fits_curves_and_sweeps_the_quickstarts_runs(qs, capsys):
     assert predicted_end - end == pytest.approx(law["rewarm-2x"]["upstream/all"]["final_error"], abs=1e-5)
     # cpt report --law: each run's law curve over its measured one, from the LRs it logged (the same end)
     labelled = [report.load(str(work / "runs" / f"cpt-{n}"), label=n) for n in ("constant", "rewarm-2x")]
-    overlay = report._law_curves(labelled, str(out), ("upstream", "downstream"), 1.0)
-    assert overlay["rewarm-2x"]["upstream"][1][-1] == pytest.approx(predicted_end, abs=1e-6)
+    from cpt.tools.predict import overlay
+
+    drawn = report._law_curves(labelled, overlay(labelled, str(out)), 1.0)
+    assert drawn["rewarm-2x"]["upstream"][1][-1] == pytest.approx(predicted_end, abs=1e-6)
     runs_args = [str(work / "runs" / f"cpt-{n}") for n in ("constant", "rewarm-2x")]
     assert main(["report", *runs_args, "--law", str(out), "--out", str(work / "with-law")]) == 0
     assert (work / "with-law" / "loss.png").read_bytes()[:4] == b"\x89PNG"

@@ -143,6 +143,7 @@ class Fit:
     rmse: float
     r2: float
     max_abs: float
+    converged: bool = True  # False: the optimiser stopped at its iteration limit (the fit is used, and said so)
 
     def to_json(self) -> dict:
         return {
@@ -152,6 +153,7 @@ class Fit:
             "rmse": self.rmse,
             "r2": self.r2,
             "max_abs_residual": self.max_abs,
+            "converged": self.converged,
         }
 
     @classmethod
@@ -159,7 +161,10 @@ class Fit:
         try:
             params = np.array([float(d["params"][n]) for n in NAMES])
             stderr = np.array([float(d["stderr"][n]) for n in NAMES])
-            fit = cls(params, stderr, int(d["points"]), float(d["rmse"]), float(d["r2"]), float(d["max_abs_residual"]))
+            fit = cls(
+                params, stderr, int(d["points"]), float(d["rmse"]), float(d["r2"]), float(d["max_abs_residual"]),
+                bool(d.get("converged", True)),
+            )  # fmt: skip
         except (KeyError, TypeError, ValueError) as exc:
             raise LawError(f"{where}: not a fitted law ({exc!r})") from exc
         if not np.all(np.isfinite(params)):
@@ -221,12 +226,13 @@ def fit(runs: list[tuple[Areas, np.ndarray]], starts: int = 8, seed: int = 0) ->
             res = solve(search, p0)
         except (ValueError, FloatingPointError):
             continue
-        if res.status > 0 and np.all(np.isfinite(res.fun)) and (best is None or res.cost < best.cost):
+        # a start that ran out of iterations (status 0) still counts, marked unconverged; an error (-1) does not
+        if res.status >= 0 and np.all(np.isfinite(res.fun)) and (best is None or _better(res, best)):
             best = res
     if best is not None and stride > 1:
         best = solve(runs, best.x)
-    if best is None or best.status <= 0 or not np.all(np.isfinite(best.fun)):
-        raise LawError("the fit did not converge from any of its starting points")
+    if best is None or best.status < 0 or not np.all(np.isfinite(best.fun)):
+        raise LawError("the fit failed from every one of its starting points")
     r = best.fun
     dof = max(1, len(r) - len(NAMES))
     try:
@@ -236,4 +242,9 @@ def fit(runs: list[tuple[Areas, np.ndarray]], starts: int = 8, seed: int = 0) ->
         stderr = np.full(len(NAMES), math.inf)
     total = float(((y - y.mean()) ** 2).sum())
     r2 = 1.0 - float(r @ r) / total if total > 0 else 1.0
-    return Fit(best.x, stderr, len(y), float(np.sqrt(np.mean(r**2))), r2, float(np.abs(r).max()))
+    return Fit(best.x, stderr, len(y), float(np.sqrt(np.mean(r**2))), r2, float(np.abs(r).max()), best.status > 0)
+
+
+def _better(res, best) -> bool:
+    """A converged result beats one that ran out of iterations; then the lower cost wins."""
+    return (res.status > 0, -res.cost) > (best.status > 0, -best.cost)

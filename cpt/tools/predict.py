@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import logging
 import os
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ from cpt.optim import law
 from cpt.tools import report
 
 CE = "LanguageCrossEntropy"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -263,6 +265,24 @@ def _draw_front(rows: list[dict], path: str, upstream: str, downstream: str) -> 
     ax.set_ylabel(f"predicted final {downstream} loss (adaptation: lower is better)")
     ax.legend()
     save(fig, path)
+
+
+def overlay(runs: list[report.Run], law_path: str) -> dict[str, dict[str, np.ndarray]]:
+    """For ``cpt report --law``: per run, each dataset's ``all`` loss as the law predicts it after every batch,
+    from the LRs the run logged. A run without every batch's LR (a branch logs from the branch point) is skipped,
+    and said so."""
+    pre, fits, _ = load_law(law_path)
+    datasets = {k.split("/")[0]: k for k in fits if k.endswith("/all")}
+    out = {}
+    for run in runs:
+        try:
+            lrs = curves_of(run, run.label).lrs
+        except law.LawError as exc:
+            log.warning("no CPT law curve for %s: %s", run.label, exc)
+            continue
+        curves = predicted({k: fits[k] for k in datasets.values()}, pre, lrs)
+        out[run.label] = {ds: curves[k] for ds, k in datasets.items()}
+    return out
 
 
 def branch_curves(trunk: RunCurves, branch_path: str, at: int) -> RunCurves:

@@ -151,12 +151,12 @@ def report(
     baseline: str | None = None,
     early: float = EARLY,
     overwrite: bool = False,
-    law: str | None = None,
+    law: dict | None = None,
 ) -> str:
     """Write ``loss.png``, ``lr.png``, ``forgetting.png``, ``tasks.png`` (when tasks were evaluated) and
     ``summary.md`` into ``out`` (local or ``s3://``); with ``baseline`` (the run without re-warming), the papers'
-    directions checked; with ``law`` (``cpt predict fit``'s JSON), each run's predicted curves drawn dashed over its
-    measured ones, from the LRs it logged. Returns the summary's path."""
+    directions checked; with ``law`` (``cpt.tools.predict.overlay``: per run and dataset, the CPT law's loss after
+    each batch), each run's predicted curve drawn dashed over its measured one. Returns the summary's path."""
     if baseline is not None and baseline not in {r.label for r in runs}:
         raise ValueError(f"--baseline {baseline!r} is not one of the runs ({', '.join(r.label for r in runs)})")
     if not 0 < early <= 1:
@@ -364,7 +364,7 @@ def _write(
     branch_of = families(runs)
     c = _Canvas(runs, up, down, _family_style(runs), branch_of, {r.label: r for r in runs}, scale, xlabel)
     if law:
-        c.predicted = _law_curves(runs, law, (up, down), scale)
+        c.predicted = _law_curves(runs, law, scale)
     _loss_png(c, os.path.join(out, "loss.png"))
     if branch_of:
         _families_png(c, os.path.join(out, "families.png"))
@@ -377,23 +377,14 @@ def _write(
     _summary_md(c, numbers, tasks, baseline, early, os.path.join(out, "summary.md"))
 
 
-def _law_curves(runs: list[Run], law_path: str, datasets: tuple[str, str], scale: float) -> dict:
-    """Each run's curves as the law predicts them from the LRs it logged, against tokens."""
-    from cpt.tools import predict
-
-    pre, fits, _ = predict.load_law(law_path)
+def _law_curves(runs: list[Run], law: dict, scale: float) -> dict:
+    """``law``'s per-batch curves against tokens (each run's own tokens per batch)."""
     out = {}
     for run in runs:
-        try:
-            lrs = predict.curves_of(run, run.label).lrs
-        except ValueError as exc:  # a branch logs its LRs from the branch point on: the law needs them all
-            log.warning("no CPT law curve for %s: %s", run.label, exc)
-            continue
-        keys = {ds: f"{ds}/all" for ds in datasets if f"{ds}/all" in fits}
-        curves = predict.predicted({k: fits[k] for k in keys.values()}, pre, lrs)
         per_batch = max((r.get("tokens", 0) for r in run.rows.values()), default=0) / max(run.last_batch, 1)
-        x = [b * per_batch / scale for b in range(len(lrs) + 1)]
-        out[run.label] = {ds: (x, curves[key]) for ds, key in keys.items()}
+        out[run.label] = {
+            ds: ([b * per_batch / scale for b in range(len(y))], list(y)) for ds, y in law.get(run.label, {}).items()
+        }
     return out
 
 
