@@ -218,6 +218,25 @@ def tiny_project():
     return tiny_project
 
 
+@pytest.fixture(scope="session")
+def run_project(tmp_path_factory, tiny_project):
+    """The project the resume and stages tests train on: two one-domain splits, 120 training documents."""
+    domains = {"upstream": {"Pile-CC": "prose"}, "downstream": {"Github": "code"}}
+    return tiny_project(tmp_path_factory.mktemp("runs"), domains, {"train": 120, "val": 10})
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(run_project) -> str:
+    """One finished 16-batch run of ``run_project`` named ``trunk`` (a checkpoint every 4 batches, every trained
+    sample logged), trained once: the end every interrupted run of the resume tests must reach, and the trunk the
+    stages tests branch from. No test writes into it."""
+    from test_resume import finish, launch
+
+    folder = str(run_project / "trunk-checkpoints")
+    finish(launch(run_project, "trunk", folder))
+    return folder
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tiny_project):
     """A tiny project (two one-domain splits, a 128-position model) for checking configs and plans."""

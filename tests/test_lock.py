@@ -54,9 +54,11 @@ def test_an_error_escaping_a_background_thread_is_logged(caplog):
 RACER = """
 import sys, time
 from cpt.run import lock
-base, trials, start = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+base, trials = sys.argv[1], int(sys.argv[2])
+print("ready", flush=True)
+start = float(sys.stdin.readline())  # once every racer has imported the stack
 for k in range(trials):
-    while time.time() < start + k:  # every racer is released at the same instant
+    while time.time() < start + GAP * k:  # every racer is released at the same instant
         time.sleep(0.0005)
     try:
         lock.acquire(f"{base}/trial{k}")
@@ -69,14 +71,19 @@ for k in range(trials):
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_of_launches_released_together_exactly_one_takes_the_lock(where, tmp_path, s3_bucket):
     base = str(tmp_path / "runs") if where == "local" else f"{s3_bucket}/runs"
-    trials, racers = 10, 4
-    start = time.time() + 8  # after every racer has imported the stack
+    trials, racers, gap = 10, 4, 0.5
+    code = RACER.replace("GAP", str(gap))
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", RACER, base, str(trials), str(start)], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", code, base, str(trials)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
         for _ in range(racers)
     ]
+    assert [p.stdout.readline().strip() for p in procs] == ["ready"] * racers
+    start = time.time() + 0.5
+    for p in procs:
+        p.stdin.write(f"{start}\n")
+        p.stdin.flush()
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     takes = {k: 0 for k in range(trials)}

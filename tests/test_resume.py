@@ -25,9 +25,8 @@ TINY = ROOT / "yamls" / "tiny-cpu.yaml"
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_project):
-    domains = {"upstream": {"Pile-CC": "prose"}, "downstream": {"Github": "code"}}
-    return tiny_project(tmp_path_factory.mktemp("resume"), domains, {"train": 120, "val": 10})
+def setup(run_project):
+    return run_project
 
 
 def launch(setup: Path, run: str, save_folder: str, *extra: str, fault: str = "", ranks: int = 1) -> subprocess.Popen:
@@ -115,11 +114,9 @@ def group_gone(pgid: int, within_s: float = 10.0) -> bool:
 
 
 @pytest.fixture(scope="module")
-def reference(setup) -> str:
+def reference(uninterrupted) -> str:
     """An uninterrupted run's save folder (local): what every interrupted run must end equal to."""
-    folder = str(setup / "ref-checkpoints")
-    finish(launch(setup, "ref", folder))
-    return folder
+    return uninterrupted
 
 
 def assert_same_end(reference: str, run: str, tmp: Path) -> None:
@@ -173,7 +170,7 @@ def test_kills_at_random_points_resume_bit_identical(setup, reference, s3_bucket
     assert sum("resuming from" in out for out in outputs) >= 3
 
     assert_same_end(reference, run, setup)
-    ref_batches, ref_replays = samples.read(str(setup / "runs" / "ref" / "samples-rank0.jsonl"))
+    ref_batches, ref_replays = samples.read(str(setup / "runs" / "trunk" / "samples-rank0.jsonl"))
     got_batches, replays = samples.read(str(log))
     assert len(ref_batches) == 16 and not ref_replays
     assert got_batches == ref_batches  # the same samples in the same order: none lost, none repeated
@@ -287,45 +284,35 @@ def test_prune_keeps_the_newest(s3_bucket, tmp_path):
     assert storage.exists(f"{folder}/metrics.jsonl")
 
 
-def test_fingerprint_mismatch_is_refused(setup, s3_bucket):
-    folder = f"{s3_bucket}/runs/fp"
-    finish(launch(setup, "fp", folder, "max_duration=4ba"))
-    # same run, different mixture: the fingerprint stored in the checkpoint no longer matches
-    proc = launch(setup, "fp", folder, "max_duration=8ba", "cpt.train.upstream.proportion=0.5")
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode != 0 and "fingerprint" in out and "cpt.allow_fingerprint_change=true" in out
-    finish(
-        launch(
-            setup,
-            "fp",
-            folder,
-            "max_duration=8ba",
-            "cpt.train.upstream.proportion=0.5",
-            "cpt.allow_fingerprint_change=true",
-        )
-    )
-
-
-def test_resuming_onto_reconverted_data_is_refused(setup, s3_bucket, tmp_path):
-    """The same mixture of the same domain names, re-converted from different documents: the manifest
-    fingerprint changed, so the resume is refused."""
+def test_a_changed_mixture_or_reconverted_data_is_refused_on_resume(setup, s3_bucket, tmp_path):
+    """One finished 4-batch run, relaunched longer: onto the same domain names re-converted from other documents (the
+    manifests' fingerprint changed), then with another mixture (the stored fingerprint no longer matches); both are
+    refused and nothing trains onto the old checkpoint, until ``cpt.allow_fingerprint_change=true``."""
     import shutil
 
     from cpt.data.convert import DOMAIN_KEYS, convert
     from cpt.data.synthetic import TOKENIZER, write_jsonl
 
-    folder = f"{s3_bucket}/runs/fp-data"
-    finish(launch(setup, "fp-data", folder, "max_duration=4ba"))
+    folder = f"{s3_bucket}/runs/fp"
+    finish(launch(setup, "fp", folder, "max_duration=4ba"))
     moved = tmp_path / "data"
     shutil.copytree(setup / "data", moved)
     shutil.rmtree(moved / "upstream" / "train")
     src = tmp_path / "other.jsonl"
     write_jsonl(src, {"Pile-CC": "science"}, docs=120, seed=99, domain_key=DOMAIN_KEYS["pile"])
     convert([str(src)], str(moved / "upstream"), "train", TOKENIZER, DOMAIN_KEYS["pile"], seq_len=64, workers=1)
-    proc = launch(setup, "fp-data", folder, "max_duration=8ba", f"variables.data={moved}")
+    proc = launch(setup, "fp", folder, "max_duration=8ba", f"variables.data={moved}")
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode != 0 and "trained on data with fingerprint" in out, out[-3000:]
     assert [b for b, _ in checkpoints(folder)] == [4]  # nothing was trained onto the old checkpoint
+    # same data, different mixture: the fingerprint stored in the checkpoint no longer matches
+    proc = launch(setup, "fp", folder, "max_duration=8ba", "cpt.train.upstream.proportion=0.5")
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0 and "fingerprint" in out and "cpt.allow_fingerprint_change=true" in out
+    assert [b for b, _ in checkpoints(folder)] == [4]
+    allowed = ("max_duration=8ba", "cpt.train.upstream.proportion=0.5", "cpt.allow_fingerprint_change=true")
+    finish(launch(setup, "fp", folder, *allowed))
+    assert [b for b, _ in checkpoints(folder)] == [8, 4]
 
 
 def test_second_launch_is_refused_while_the_first_is_alive(setup, s3_bucket):

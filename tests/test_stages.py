@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_resume import assert_identical, finish, launch
+from test_resume import assert_identical, finish
 
 from cpt.cli import main
 from cpt.io import storage
@@ -100,17 +100,14 @@ def tiny_cosine(t: float) -> float:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_project):
-    domains = {"upstream": {"Pile-CC": "prose"}, "downstream": {"Github": "code"}}
-    return tiny_project(tmp_path_factory.mktemp("stages"), domains, {"train": 120, "val": 10})
+def setup(run_project):
+    return run_project
 
 
 @pytest.fixture(scope="module")
-def trunk(setup) -> str:
-    """A finished trunk: 16 batches, a checkpoint every 4, every trained sample logged."""
-    folder = str(setup / "trunk-checkpoints")
-    finish(launch(setup, "trunk", folder))
-    return folder
+def trunk(uninterrupted) -> str:
+    """A finished trunk: 16 batches, a checkpoint every 4, every trained sample logged (shared with test_resume)."""
+    return uninterrupted
 
 
 def rows_at(path: Path, batch: int) -> dict:
