@@ -271,12 +271,12 @@ def engines(copies: int, workers: int) -> None:
         disk, rss = sampler.done()
         rows[engine] = (result.tokens, seconds, disk, rss)
     ray.shutdown()
-    server.stop()
     same = all(
         s3.get_object(Bucket="bench", Key=f"mds-local/{k}")["Body"].read()
         == s3.get_object(Bucket="bench", Key=f"mds-ray/{k}")["Body"].read()
         for k in (o["Key"][len("mds-local/") :] for o in _objects(s3, "mds-local/"))
     )
+    server.stop()
     print(f"\n{'engine':<8} {'tokens':>12} {'seconds':>8} {'tokens/s':>12} {'peak disk MB':>13} {'worker peak MB':>15}")
     for engine, (tokens, seconds, disk, rss) in rows.items():
         print(f"{engine:<8} {tokens:>12,} {seconds:>8.1f} {tokens / seconds:>12,.0f} {disk:>13.1f} {rss:>15.0f}")

@@ -10,7 +10,8 @@ The canonical layout (``file-packed``), the same whichever engine runs the tasks
   Only the last partial sample of each domain is dropped, and counted.
 
 A task reads its input (local or ``s3://``) as a stream and writes its output to the destination (local or
-``s3://``); its local disk holds only its own file's tokens (2 bytes each) and the MDS shard being written. The
+``s3://``); its local disk holds only its own file's tokens (2 bytes each) and, for an ``s3://`` destination, one
+domain's samples of that file while they are written and sent. The
 marker ``<split>/.convert/<i>-<key>.json`` is written last, so a task without one has no output that counts: a
 rerun (or Ray's retry of a killed worker) writes the same bytes again.
 """
@@ -237,9 +238,8 @@ def write_samples(out: str, chunks, seq_len: int, size_limit, compression) -> tu
     """Token chunks, in order, cut into samples of ``seq_len`` -> the MDS dataset ``out`` (local or ``s3://``,
     replaced); returns (samples written, the tokens left over)."""
     MDSWriter = _mds_writer()  # noqa: N806
-    if storage.is_s3(out):
-        local = tempfile.mkdtemp(prefix="mds-", dir=cache_dir("convert-upload"))
-        target = (local, out)
+    if storage.is_s3(out):  # written here, then sent with cpt's one cached client (a writer's own costs a client each)
+        local = target = tempfile.mkdtemp(prefix="mds-", dir=cache_dir("convert-upload"))
     else:
         shutil.rmtree(out, ignore_errors=True)
         local, target = None, out
@@ -262,6 +262,8 @@ def write_samples(out: str, chunks, seq_len: int, size_limit, compression) -> tu
                     writer.write({COLUMN: row})
                 samples += full // seq_len
                 carry = chunk[full:].copy()
+        if local:
+            storage.upload_folder(local, out)
     finally:
         if local:
             shutil.rmtree(local, ignore_errors=True)
