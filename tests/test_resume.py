@@ -197,19 +197,21 @@ def own_segments(before: set[str], mine: str) -> set[str]:
 
 
 def test_two_ranks_killed_mid_run_resume_bit_identical(setup, s3_bucket):
-    """``composer -n 2`` (DDP over gloo on CPU): both ranks are killed after batch 6; the same command resumes
-    both from the checkpoint of batch 4 on S3 and ends equal to an uninterrupted two-rank run."""
+    """``composer -n 2`` (DDP over gloo on CPU): both ranks are killed in batch 10; the same command resumes both
+    from the newest checkpoint that reached S3 and ends equal to an uninterrupted two-rank run. (Batch 10: the
+    checkpoint of batch 4 has had six batches to upload; that of batch 8 may still be on its way, and is lost.)"""
     two = ("device_train_microbatch_size=2",)  # the global batch of 4 split over 2 ranks
     reference = str(setup / "ref2-checkpoints")
     finish(launch(setup, "ref2", reference, *two, ranks=2))
     run = f"{s3_bucket}/runs/ranks"
-    proc = launch(setup, "ranks", run, *two, ranks=2, fault="step:6")
+    proc = launch(setup, "ranks", run, *two, ranks=2, fault="step:10")
     out, _ = proc.communicate(timeout=600)
-    assert proc.returncode != 0 and "fault injected: SIGKILL during step at batch 6" in out, out[-3000:]
+    assert proc.returncode != 0 and "fault injected: SIGKILL during step at batch 10" in out, out[-3000:]
     assert group_gone(proc.pid), "a rank of the killed launch outlived it"
-    assert [b for b, _ in checkpoints(run)] == [4]
+    present = [b for b, _ in checkpoints(run)]
+    assert present in ([4], [8, 4]), present
     out = finish(launch(setup, "ranks", run, *two, ranks=2))
-    assert f"resuming from {run}/ep0-ba4-rank0.pt" in out
+    assert f"resuming from {run}/ep0-ba{present[0]}-rank0.pt" in out
     assert_same_end(reference, run, setup)
     assert [b for b, _ in checkpoints(run)] == [16, 12, 8, 4]
 
