@@ -76,6 +76,21 @@ print(json.dumps({{"tokens": r.tokens, "seconds": time.perf_counter() - t, "main
 """
 
 
+def loopback_s3():
+    """moto's S3 server on 127.0.0.1 (``S3_ENDPOINT_URL`` set) with a bucket ``bench``: (server, boto3 client)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ["S3_ENDPOINT_URL"] = f"http://{host}:{port}"
+    s3 = boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"])
+    s3.create_bucket(Bucket="bench")
+    return server, s3
+
+
 def run_py(code: str, *args: str, env: dict | None = None) -> list[dict]:
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
     if proc.returncode:
@@ -98,7 +113,6 @@ def main() -> None:
     if not SAMPLE.is_file():
         sys.exit(f"the real sample is missing: {SAMPLE}")
     import zstandard
-    from moto.server import ThreadedMotoServer
 
     tmp = Path(tempfile.mkdtemp(prefix="cpt-bench-"))
     os.environ.update(
@@ -131,17 +145,9 @@ def main() -> None:
     foundry = run_py(FOUNDRY, str(plain), str(tmp / "foundry-out"), str(hf))[-1]
     rates["llm-foundry convert_dataset_json"] = tokens / foundry["seconds"]
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    os.environ["S3_ENDPOINT_URL"] = f"http://{host}:{port}"
-    import boto3
-
+    server, s3 = loopback_s3()
     from cpt.data.convert import convert
 
-    s3 = boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"])
-    s3.create_bucket(Bucket="bench")
     for p in sorted(zst.iterdir()):
         s3.upload_file(str(p), "bench", f"raw/{p.name}")
     t = time.perf_counter()
@@ -235,23 +241,15 @@ class Sampler:
 def engines(copies: int, workers: int) -> None:
     if not SAMPLE.is_file():
         sys.exit(f"the real sample is missing: {SAMPLE}")
-    import boto3
     import ray
     import zstandard
-    from moto.server import ThreadedMotoServer
 
     tmp = Path(tempfile.mkdtemp(prefix="cpt-bench-"))
     cache = tmp / "cache"
     os.environ.update(
         CPT_CACHE=str(cache), AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="x", AWS_DEFAULT_REGION="us-east-1"
     )
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    os.environ["S3_ENDPOINT_URL"] = f"http://{host}:{port}"
-    s3 = boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"])
-    s3.create_bucket(Bucket="bench")
+    server, s3 = loopback_s3()
     data = zstandard.ZstdCompressor(level=3).compress(SAMPLE.read_bytes())
     for i in range(copies):
         s3.put_object(Bucket="bench", Key=f"raw/part-{i:03d}.jsonl.zst", Body=data)
