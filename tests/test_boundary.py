@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import socket
 import time
@@ -550,3 +551,40 @@ def test_pickled_weights_in_a_model_folder_are_refused_before_transformers_or_lm
     assert main(["eval", str(folder), str(tmp_path / "tasks.yaml"), "--out", str(tmp_path / "ev")]) == 2
     err = capsys.readouterr().err
     assert "pytorch_model.bin" in err and "Traceback" not in err and not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "marker",
+    [
+        b"not json",
+        b"[1, 2]",
+        b'{"domains": {"A": {"slug": "a", "docs_read": "9"}}}',
+        b'{"domains": {"A": {"slug": "a", "tokens": -1}}}',
+        b'{"domains": {"A": {"slug": "a", "docs_skipped": {"x": 1.5}}}}',
+        b'{"domains": {"A": {"slug": "a"}}, "tails": {"A": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"}}',
+        b'{"domains": {}, "tails": [1]}',
+        b'{"unattributed_skipped": {"blank_line": true}}',
+        b'{"domains": {}, "code": "os.system"}',
+    ],
+)
+def test_a_planted_or_damaged_conversion_marker_is_refused_naming_it(tmp_path, marker):
+    """A finished task's marker is read back from the destination: anything but counts and short tails is refused,
+    naming the marker, and never reaches the manifest."""
+    from cpt.data import file_task
+
+    task = file_task.FileTask(0, "in.jsonl", "k", str(tmp_path / "train"), "", "meta.x", False, 16, "64mb", None)
+    Path(task.marker).parent.mkdir(parents=True)
+    Path(task.marker).write_bytes(marker)
+    with pytest.raises(untrusted.UntrustedError, match=re.escape(task.marker)):
+        file_task.read_marker(task)
+
+
+def test_a_good_conversion_marker_reads_back(tmp_path):
+    from cpt.data import file_task
+
+    task = file_task.FileTask(0, "in.jsonl", "k", str(tmp_path / "train"), "", "meta.x", False, 16, "64mb", None)
+    Path(task.marker).parent.mkdir(parents=True)
+    good = {"domains": {"A": {"slug": "a", "docs_read": 2, "docs_written": 2, "tokens": 21, "samples": 1}},
+            "tails": {"A": "BQAAAA=="}, "first_lines": {"A": 1}}  # fmt: skip
+    Path(task.marker).write_text(json.dumps(good))
+    assert file_task.tail_tokens(file_task.read_marker(task), "A").tolist() == [5, 0]

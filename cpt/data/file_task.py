@@ -126,13 +126,28 @@ def read_marker(task: FileTask) -> FileResult:
     raw = untrusted.record(task.marker, "a conversion task's marker")
     try:
         result = FileResult(**raw)
+        if not isinstance(result.domains, dict) or not isinstance(result.tails, dict):
+            raise ValueError("domains and tails must be objects")
+        _counts(result.unattributed_skipped, "unattributed_skipped")
+        _counts(result.first_lines, "first_lines")
         for name, stats in result.domains.items():
-            DomainStats(**stats)
-            if len(tail_tokens(result, name)) >= task.seq_len:
-                raise ValueError(f"the tail of {name!r} is not shorter than seq_len")
-    except (TypeError, ValueError) as exc:
+            d = DomainStats(**stats)
+            _counts({k: getattr(d, k) for k in ("docs_read", "docs_written", "tokens", "samples")}, name)
+            _counts(d.docs_skipped, f"{name}.docs_skipped")
+            if not isinstance(result.tails.get(name, ""), str) or len(tail_tokens(result, name)) >= task.seq_len:
+                raise ValueError(f"the tail of {name!r} is not a string of fewer than seq_len tokens")
+    except (TypeError, ValueError, AttributeError) as exc:
         raise untrusted.UntrustedError(f"{task.marker}: not a conversion marker ({exc})") from exc
     return result
+
+
+def _counts(values, where: str) -> None:
+    """``ValueError`` unless ``values`` maps names to non-negative integers."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: expected an object")
+    for key, n in values.items():
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"{where}.{key}: {n!r} is not a non-negative integer")
 
 
 def _fault(task: FileTask) -> None:

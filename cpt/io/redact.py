@@ -57,16 +57,17 @@ def _masked(key: str, value: Any) -> bool:
     return is_secret_key(key) and not isinstance(value, dict | list)
 
 
+def secret_override(arg: str) -> bool:
+    """A ``key=value`` override whose key looks secret, or whose value is a secret or carries one (URL
+    credentials, an inline mapping with a secret key): never recorded, never shown."""
+    name, eq, value = arg.partition("=")
+    return bool(eq) and (is_secret_key(name) or looks_secret(value) or text(value) != value or _holds_secret(value))
+
+
 def overrides(args: list[str]) -> list[str]:
-    """A command line with every ``key=value`` whose key looks secret, or whose value is a secret or carries one,
-    masked (``key=***``): what loggers that record the command line (W&B's ``args``) may keep."""
-    out = []
-    for arg in args:
-        name, eq, value = arg.partition("=")
-        if eq and (is_secret_key(name) or looks_secret(value) or text(value) != value or _holds_secret(value)):
-            arg = f"{name}={MASK}"
-        out.append(arg)
-    return out
+    """A command line with every secret override masked (``key=***``): what loggers that record the command line
+    (W&B's ``args``) may keep."""
+    return [f"{arg.partition('=')[0]}={MASK}" if secret_override(arg) else arg for arg in args]
 
 
 def _holds_secret(value: str) -> bool:

@@ -17,12 +17,14 @@ RUN_SPEC = "cpt-run.json"  # in the save folder: the YAML and overrides a run wa
 def write_run_spec(save_folder: str, yaml_path: str, overrides: list[str], run_name: str) -> None:
     """Record the launch (the YAML's text, unresolved, and the overrides) next to the checkpoints, so that a
     branch can be derived from the run later (``cpt anneal``). Secrets stay interpolations: an override whose
-    key looks secret, or whose value carries URL credentials, is left out of the record (and said so)."""
+    key looks secret, or whose value is or carries a secret (``redact.secret_override``), is left out of the
+    record (and said so)."""
     kept = []
     for o in overrides:
-        name, _, value = o.partition("=")
-        if redact.is_secret_key(name) or redact.text(value) != value or redact.looks_secret(value):
-            log.warning("not recording the override %s=*** in %s: it looks like a secret", name, RUN_SPEC)
+        if redact.secret_override(o):
+            log.warning(
+                "not recording the override %s=*** in %s: it looks like a secret", o.partition("=")[0], RUN_SPEC
+            )
             continue
         kept.append(o)
     with open(yaml_path) as fh:

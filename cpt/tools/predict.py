@@ -54,14 +54,20 @@ def curves_of(run: report.Run, where: str) -> RunCurves:
     missing = [b for b in range(last) if b not in logged]
     if missing:
         raise law.LawError(f"{where}: the LR of batch {missing[0]} is not logged: the law needs every batch's LR")
+    return RunCurves(run.label, np.array([logged[b] for b in range(last)], dtype=float), _losses(run, 0, last))
+
+
+def _losses(run: report.Run, first: int, last: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``"<dataset>/<domain>" -> (batches, losses)`` for every evaluation from batch ``first`` to ``last``."""
     losses = {}
     for dataset in run.datasets():
         for domain in run.domains(dataset):
-            points = [(b, v) for b, _, v in run.series(f"metrics/eval/{dataset}/{domain}/{CE}") if b <= last]
+            series = run.series(f"metrics/eval/{dataset}/{domain}/{CE}")
+            points = [(b, v) for b, _, v in series if first <= b <= last]
             if points:
                 b, v = zip(*points)
                 losses[f"{dataset}/{domain}"] = (np.array(b), np.array(v, dtype=float))
-    return RunCurves(run.label, np.array([logged[b] for b in range(last)], dtype=float), losses)
+    return losses
 
 
 def pretrain_lrs(spec: str | None) -> np.ndarray:
@@ -158,8 +164,7 @@ def candidate_lrs(yaml_path: str, overrides: list[str]) -> tuple[np.ndarray, obj
     from cpt import config
 
     checked = config.check(config.load(yaml_path, overrides), yaml_path)
-    n = checked.total_batches
-    return np.array([checked.lr * checked.scheduler.multiplier(float(t), checked.clock) for t in range(n)]), checked
+    return schedule_lrs(checked.lr, checked.scheduler, checked.clock, checked.total_batches), checked
 
 
 def curve(law_path: str, yaml_path: str, overrides: list[str], out: str) -> dict[str, np.ndarray]:
@@ -239,11 +244,11 @@ def sweep(
                      "score": weight * up + (1 - weight) * down,
                      "extrapolated": extrapolation(fitted, lrs) is not None})  # fmt: skip
     for r in rows:
+        mine = (r["upstream"], r["downstream"])  # dominated: another is no worse on both and better on one
         r["pareto"] = not any(
-            o["upstream"] <= r["upstream"] and o["downstream"] <= r["downstream"] and o is not r
-            and (o["upstream"], o["downstream"]) != (r["upstream"], r["downstream"])
+            o["upstream"] <= mine[0] and o["downstream"] <= mine[1] and (o["upstream"], o["downstream"]) != mine
             for o in rows
-        )  # fmt: skip
+        )
     rows.sort(key=lambda r: r["score"])
     if out:
         _draw_front(rows, out, upstream, downstream)
@@ -295,14 +300,7 @@ def branch_curves(trunk: RunCurves, branch_path: str, at: int) -> RunCurves:
     if any(b not in own for b in range(at, last)) or len(trunk.lrs) < at:
         raise law.LawError(f"{branch_path}: its LRs from batch {at} on, or the trunk's before it, are not all logged")
     lrs = np.concatenate([trunk.lrs[:at], [own[b] for b in range(at, last)]])
-    tail = RunCurves(run.label, lrs, {})
-    for dataset in run.datasets():
-        for domain in run.domains(dataset):
-            points = [(b, v) for b, _, v in run.series(f"metrics/eval/{dataset}/{domain}/{CE}") if at <= b <= last]
-            if points:
-                b, v = zip(*points)
-                tail.losses[f"{dataset}/{domain}"] = (np.array(b), np.array(v, dtype=float))
-    return tail
+    return RunCurves(run.label, lrs, _losses(run, at, last))
 
 
 def predict_held(fitted: list[RunCurves], target: RunCurves, pre: law.Pretrain, keys: list[str]) -> dict[str, dict]:
