@@ -92,7 +92,8 @@ class Plan:
         task_files = tasks.prepare(section.eval.tasks)  # a missing or malformed task file fails now
         _, longest = tasks.measure(section.eval.tasks, task_files, model_dir, checked.seq_len)
         padded = tasks.padded_length(section.eval.tasks, longest, checked.seq_len)
-        if padded < checked.seq_len:
+        icl_seq_len = padded if padded < checked.seq_len else None
+        if icl_seq_len:
             log.info("task examples are padded to %d tokens (the longest has %d), not max_seq_len=%d",
                      padded, max(longest.values()), checked.seq_len)  # fmt: skip
         save = checked.save_folder
@@ -116,7 +117,7 @@ class Plan:
             staging=os.path.join(cache, "staging") if staged else None,
             resume=resume,
             init=init,
-            icl_seq_len=padded if padded < checked.seq_len else None,
+            icl_seq_len=icl_seq_len,
         )
 
     @property
