@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import prewarmed
 import pytest
 import torch
 
@@ -29,7 +30,7 @@ def setup(run_project):
     return run_project
 
 
-def launch(setup: Path, run: str, save_folder: str, *extra: str, fault: str = "", ranks: int = 1) -> subprocess.Popen:
+def launch(setup: Path, run: str, save_folder: str, *extra: str, fault: str = "", ranks: int = 1):
     args = [
         f"variables.data={setup / 'data'}",
         f"variables.model={setup / 'model'}",
@@ -46,9 +47,10 @@ def launch(setup: Path, run: str, save_folder: str, *extra: str, fault: str = ""
         *extra,
     ]
     env = {**os.environ, "CPT_CACHE": str(setup / "cache" / run), faults.ENV: fault}
-    launcher = ["-m", "composer.cli.launcher", "-n", str(ranks)] if ranks > 1 else []  # `composer -n N`
-    return subprocess.Popen(
-        [sys.executable, *launcher, "-m", "cpt.train", str(TINY), *args],
+    if ranks == 1:  # `python -m cpt.train`, forked from the prewarmed server (tests/prewarmed.py)
+        return prewarmed.shared().launch(["-m", "cpt.train", str(TINY), *args], cwd=str(setup), env=env)
+    return subprocess.Popen(  # `composer -n N`: a plain interpreter, the launcher's own start-up included
+        [sys.executable, "-m", "composer.cli.launcher", "-n", str(ranks), "-m", "cpt.train", str(TINY), *args],
         cwd=setup,
         env=env,
         start_new_session=True,
@@ -61,7 +63,7 @@ def launch(setup: Path, run: str, save_folder: str, *extra: str, fault: str = ""
 class Lines:
     """Collects a launch's output as it comes, so a test can act on what the run says."""
 
-    def __init__(self, proc: subprocess.Popen):
+    def __init__(self, proc):
         self.proc, self.lines = proc, []
         self.thread = threading.Thread(target=lambda: self.lines.extend(proc.stdout), daemon=True)
         self.thread.start()
@@ -76,7 +78,7 @@ class Lines:
         return self.text()
 
 
-def finish(proc: subprocess.Popen) -> str:
+def finish(proc) -> str:
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-4000:]
     return out

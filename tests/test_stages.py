@@ -12,10 +12,9 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
+import prewarmed
 import pytest
 import torch
 from test_resume import assert_identical, finish
@@ -62,16 +61,13 @@ sys.exit(main(sys.argv[1:] + ["callbacks.cpt_test_probe={}"]))
 
 
 def probe(setup: Path, yaml: str, *overrides: str, env: dict | None = None) -> dict:
-    proc = subprocess.run(
-        [sys.executable, "-c", PROBE, yaml, f"cpt.run_dir={setup / 'runs'}", "cpt.num_workers=0", *overrides],
-        cwd=setup,
+    proc = prewarmed.shared().launch(
+        ["-c", PROBE, yaml, f"cpt.run_dir={setup / 'runs'}", "cpt.num_workers=0", *overrides],
+        cwd=str(setup),
         env={**os.environ, "CPT_CACHE": str(setup / "cache" / "probe"), **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("PROBE ")][-1]
+    out = finish(proc)
+    line = [ln for ln in out.splitlines() if ln.startswith("PROBE ")][-1]
     out = json.loads(line[len("PROBE ") :])
     out["lr"] = {int(k): v for k, v in out["lr"].items()}
     return out
@@ -167,12 +163,11 @@ def test_a_preempted_branch_ends_bit_identical_to_an_uninterrupted_one(setup, tr
     yaml = str(out / "trunk-anneal8-linear-8ba.yaml")
     ref_folder, run_folder = str(setup / "branch-ref"), str(setup / "branch-killed")
 
-    def run(folder: str, name: str, fault: str = "") -> subprocess.Popen:
-        return subprocess.Popen(
-            [sys.executable, "-m", "cpt.train", yaml, f"save_folder={folder}", f"run_name={name}",
-             f"cpt.run_dir={setup / 'runs'}", "cpt.num_workers=0", "save_interval=2ba"],
-            cwd=setup, env={**os.environ, "CPT_CACHE": str(setup / "cache" / name), "CPT_FAULT": fault},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    def run(folder: str, name: str, fault: str = ""):
+        return prewarmed.shared().launch(
+            ["-m", "cpt.train", yaml, f"save_folder={folder}", f"run_name={name}", f"cpt.run_dir={setup / 'runs'}",
+             "cpt.num_workers=0", "save_interval=2ba"],
+            cwd=str(setup), env={**os.environ, "CPT_CACHE": str(setup / "cache" / name), "CPT_FAULT": fault},
         )  # fmt: skip
 
     finish(run(ref_folder, "branch-ref"))
