@@ -120,6 +120,13 @@ class Server:
         return Launch(conn, read_fd)
 
 
+def run(argv: list[str], cwd: str, env: dict[str, str], timeout: float = 900) -> tuple[int, str]:
+    """One launch to its end, as ``subprocess.run``: its exit code and its stdout and stderr together."""
+    proc = shared().launch(argv, cwd=cwd, env=env)
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
 @functools.cache
 def shared() -> Server:
     """This test session's server, stopped when the session's interpreter exits."""

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import prewarmed
 import pytest
 import torch
 
@@ -83,8 +84,8 @@ def task_run(tmp_path_factory, tiny_project, s3_server):
     )
     env = {**os.environ, "CPT_CACHE": str(tmp / "cache"), "S3_ENDPOINT_URL": s3_server, "WANDB_SILENT": "true"}
     env["WANDB_MODE"] = "offline"  # W&B's run file, written locally
-    proc = subprocess.run(
-        [sys.executable, "-m", "cpt.cli", "train", str(TINY), f"variables.data={tmp / 'data'}",
+    code, log = prewarmed.run(
+        ["-m", "cpt.cli", "train", str(TINY), f"variables.data={tmp / 'data'}",
          f"variables.model={tmp / 'model'}", f"variables.save_folder={tmp / 'ck'}", f"cpt.run_dir={tmp / 'runs'}",
          "variables.run_name=tasks", f"max_duration={STEPS}ba", "save_interval=4ba", "cpt.eval.interval=4ba",
          "cpt.eval.tokens_per_domain=512", "cpt.num_workers=0", tasks, "cpt.loss.impl=chunked",
@@ -93,12 +94,12 @@ def task_run(tmp_path_factory, tiny_project, s3_server):
          f"loggers={{mlflow: {{tracking_uri: 'file:{tmp}/mlruns', experiment_name: cpt-tasks}}, "
          f"tensorboard: {{log_dir: '{tmp}/tb'}}, "
          f"wandb: {{project: cpt-tasks, init_kwargs: {{mode: offline, dir: '{tmp}/wandb'}}}}}}"],
-        cwd=tmp, capture_output=True, text=True, timeout=600, env=env,
+        cwd=str(tmp), env=env, timeout=600,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert code == 0, log[-5000:]
     metrics = [json.loads(line) for line in (tmp / "runs" / "tasks" / "metrics.jsonl").read_text().splitlines()]
     (tmp / "tasks.yaml").write_text(tasks.replace("cpt.eval.tasks=", "tasks: ") + "\n")  # for cpt eval
-    return {"tmp": tmp, "rows": rows, "metrics": metrics, "log": proc.stdout + proc.stderr, "tok": tok}
+    return {"tmp": tmp, "rows": rows, "metrics": metrics, "log": log, "tok": tok}
 
 
 SECRETS = ("hf_NotARealTokenButLongEnough1234", "mlflow-tracking-secret-987", "open-sesame-passphrase-42")

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import prewarmed
 import pytest
 import torch
 
@@ -101,16 +102,10 @@ def s3_run(s3_server, tmp_path_factory, sample_jsonl):
         "max_duration=24ba",
         "cpt.eval.tokens_per_domain=1024",
     ]
-    proc = subprocess.run(
-        [sys.executable, "-m", "cpt.cli", "train", str(TINY), *overrides],
-        cwd=tmp,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    code, log = prewarmed.run(["-m", "cpt.cli", "train", str(TINY), *overrides], cwd=str(tmp), env=dict(os.environ))
+    assert code == 0, log[-5000:]
     rows = [json.loads(line) for line in (tmp / "runs" / "e2e" / "metrics.jsonl").read_text().splitlines()]
-    return {"tmp": tmp, "s3": s3, "rows": rows, "log": proc.stdout + proc.stderr}
+    return {"tmp": tmp, "s3": s3, "rows": rows, "log": log}
 
 
 def test_every_domain_is_logged_with_aggregates_and_blend(s3_run):
