@@ -165,18 +165,20 @@ def _predict(args: argparse.Namespace) -> int:
             print(f"{key:<36} {fit}  {shown}{note}")
         print(f"wrote {args.out}")
     elif args.action == "curve":
-        curves = predict.curve(args.law, args.config, args.overrides, args.out)
+        curves, sds = predict.curve(args.law, args.config, args.overrides, args.out)
         for key, y in sorted(curves.items()):
-            print(f"{key:<36} start {y[0]:.4f}  max {y.max():.4f}  end {y[-1]:.4f}")
+            print(f"{key:<36} start {y[0]:.4f}  max {y.max():.4f}  end {y[-1]:.4f} +- {sds[key][-1]:.2g} (1 s.e.)")
         print(f"wrote {args.out}.csv and {args.out}.png")
     else:
         rows = predict.sweep(
             args.law, args.config, args.overrides, args.grid, args.weight, args.png, args.upstream, args.downstream
         )
-        print(f"{'rank':>4} {'upstream':>9} {'downstream':>10} {'score':>8}  candidate")
+        print(f"{'rank':>4} {'upstream':>17} {'downstream':>17} {'score':>8}  candidate  (+- 1 s.e.)")
         for i, r in enumerate(rows, 1):
             mark = ("  (Pareto front)" if r["pareto"] else "") + ("  (extrapolated)" if r["extrapolated"] else "")
-            print(f"{i:>4} {r['upstream']:>9.4f} {r['downstream']:>10.4f} {r['score']:>8.4f}  {r['candidate']}{mark}")
+            up = f"{r['upstream']:.4f}+-{r['upstream_sd']:.2g}"
+            down = f"{r['downstream']:.4f}+-{r['downstream_sd']:.2g}"
+            print(f"{i:>4} {up:>17} {down:>17} {r['score']:>8.4f}  {r['candidate']}{mark}")
         if any(r["extrapolated"] for r in rows):
             print("warning: candidates marked (extrapolated) spend more forward area than any fitted run")
         if args.png:

@@ -3,6 +3,7 @@ refusals instead of confident numbers."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -69,7 +70,37 @@ def test_a_held_out_schedule_is_predicted_from_the_other_two():
     fit = law.fit([runs["constant"], runs["rewarm-1x"]])
     a, _ = runs["rewarm-2x"]
     truth = law.predict(TRUE, a)
-    assert abs(law.predict(fit.params, a)[-1] - truth[-1]) < 0.02
+    error = law.predict(fit.params, a)[-1] - truth[-1]
+    assert abs(error) < 0.02
+    sd = fit.sd(a)[-1]  # the prediction's own standard error covers its error, and is not vacuous
+    assert abs(error) <= 3 * sd and sd < 0.02
+
+
+def test_a_predictions_standard_error_by_hand():
+    """``Fit.sd`` = sqrt(g' S g), with g the law's gradient taken here by central differences of ``predict``."""
+    a = law.Areas(np.arange(3), np.array([0.5, 1.0, 2.0]), np.array([0.0, 0.3, 1.0]), np.array([0.0, 0.1, -0.2]))
+    p = np.array([2.0, 0.8, 0.4, 3.0, -0.3, 3.0, 0.7])
+    rng = np.random.default_rng(0)
+    m = rng.normal(size=(7, 7))
+    cov = m @ m.T * 1e-4  # any positive definite covariance
+    fit = law.Fit(p, np.sqrt(np.diag(cov)), 30, 0.01, 0.9, 0.02, True, cov)
+    g = np.stack([(law.predict(p + h, a) - law.predict(p - h, a)) / 2e-6 for h in np.eye(7) * 1e-6], axis=1)
+    expected = [math.sqrt(sum(g[i, j] * cov[j, k] * g[i, k] for j in range(7) for k in range(7))) for i in range(3)]
+    assert fit.sd(a) == pytest.approx(expected, rel=1e-5)
+    back = law.Fit.from_json(json.loads(json.dumps(fit.to_json())), "law.json")
+    assert back.sd(a).tolist() == fit.sd(a).tolist()  # the covariance survives law.json
+    old = {k: v for k, v in fit.to_json().items() if k != "cov"}  # a law written before the covariance was kept
+    assert np.all(np.isnan(law.Fit.from_json(old, "law.json").sd(a)))
+    with pytest.raises(law.LawError, match="law.json: cov must be 7x7"):
+        law.Fit.from_json({**fit.to_json(), "cov": [[1.0, 2.0]]}, "law.json")
+
+
+def test_a_fit_that_fails_from_every_start_is_refused():
+    """Areas the law cannot evaluate (a NaN forward area) make every start fail: a refusal, never a number."""
+    batches = np.arange(12)
+    a = law.Areas(batches, np.full(12, math.nan), np.arange(12.0), np.zeros(12))
+    with pytest.raises(law.LawError, match="the fit failed from every one of its starting points"):
+        law.fit([(a, np.linspace(3.0, 2.0, 12))])
 
 
 def test_fewer_points_than_parameters_and_bad_losses_are_refused():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
+import shutil
 
 import pytest
 
@@ -63,6 +65,7 @@ def test_predict_fits_curves_and_sweeps_the_quickstarts_runs(qs, capsys):
         for key, r in domains.items():
             assert r["held"] == (abs(r["final_error"]) <= 0.02 and abs(r["final_error"]) <= r["spread"] / 4)
             assert f"| {held} | {key.split('/')[0]} | {r['final_error']:+.4f} |" in summary
+            assert f"| {r['spread']:.4f} | {r['sd_end']:.2g} | {'yes' if r['held'] else 'NO'} |" in summary
     runs = [str(work / "runs" / f"cpt-{n}") for n in ("constant", "rewarm-1x")]
     out = work / "law.json"
     assert main(["predict", "fit", *runs, "--pretrain", str(work / "runs" / "pretrain"), "--out", str(out)]) == 0
@@ -76,6 +79,8 @@ def test_predict_fits_curves_and_sweeps_the_quickstarts_runs(qs, capsys):
     end = measured.series("metrics/eval/upstream/all/LanguageCrossEntropy")[-1][2]
     predicted_end = float(rows[-1]["upstream/all"])
     assert predicted_end - end == pytest.approx(law["rewarm-2x"]["upstream/all"]["final_error"], abs=1e-5)
+    sd_end = float(rows[-1]["upstream/all sd"])  # each prediction carries its standard error, in the CSV too
+    assert 0 < sd_end < math.inf and sd_end == pytest.approx(law["rewarm-2x"]["upstream/all"]["sd_end"], rel=1e-2)
     # cpt report --law: each run's law curve over its measured one, from the LRs it logged (the same end)
     labelled = [report.load(str(work / "runs" / f"cpt-{n}"), label=n) for n in ("constant", "rewarm-2x")]
     from cpt.tools.predict import overlay
@@ -95,6 +100,19 @@ def test_predict_fits_curves_and_sweeps_the_quickstarts_runs(qs, capsys):
     assert main(["predict", "sweep", str(out), str(work / "cpt-rewarm-2x.yaml"), "--grid",
                  "cpt.train.downstream.proportion=0.5,1"]) == 2  # fmt: skip
     assert "replay is not in the law" in capsys.readouterr().err
+    # a run whose logged LR is not a number the law can use is refused, naming the run and the batch
+    bad = work / "runs" / "bad-lr"
+    shutil.copytree(work / "runs" / "cpt-constant", bad)
+    lines = (bad / "metrics.jsonl").read_text().splitlines()
+    at = next(i for i, ln in enumerate(lines) if '"lr-' in ln)
+    row = json.loads(lines[at])
+    row.update({k: -0.5 for k in row if k.startswith("lr-")})
+    lines[at] = json.dumps(row)
+    (bad / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(["predict", "fit", str(bad), runs[1], "--out", str(work / "bad.json")]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: the LR of batch {row['batch']} is -0.5, not a finite non-negative number" in err, err
+    assert not (work / "bad.json").exists()
 
 
 def test_export_gives_the_checkpoints_logits(tmp_path):
@@ -159,7 +177,6 @@ def test_export_to_s3_lands_in_the_bucket(tmp_path, s3_bucket, monkeypatch, capf
 
 def test_quickstart_on_s3(tmp_path, s3_bucket):
     """``cpt quickstart --s3``: data, checkpoints and metrics on the S3 endpoint (shortened to a few steps)."""
-    import math
 
     from cpt.io import storage
 

@@ -27,6 +27,16 @@ domain the run forgets (upstream), :math:`B < 0` for one it adapts to (downstrea
 shift can move at most. Each domain has its own seven parameters :math:`(L_0, A, \alpha, C, B, E, \beta)`, fitted
 on every evaluation of every run given, so one parameter set must explain all the schedules.
 
+**One annealing coefficient.** Wang et al. give the two stages' annealing areas their own coefficients,
+:math:`-C_1 S_2^{pt} - C_2 S_2^{cpt}(t)` (a public summary of the paper says so too: the annealing effect is
+quantified "with different coefficients for the PT and CPT stages"). Every run fitted here continues one base model,
+so :math:`C_1 S_2^{pt}` is the same number in every run and is indistinguishable from :math:`L_0`: one coefficient
+:math:`C` on the whole sequence's :math:`S_2` predicts the same curves with one parameter fewer to leave undetermined.
+Runs from different base checkpoints would need the two.
+
+**Uncertainty.** Each fit keeps its parameters' covariance (from the Jacobian at the optimum), and every prediction
+carries its standard error by the delta method (``Fit.sd``): a number without it is never printed as certain.
+
 Here the areas are in LR x batches with the LR of each batch as the run logged it (``lr-*`` in ``metrics.jsonl``:
 the LR batch ``n`` trains at), and the loss at an evaluation after ``n`` batches sees batches ``0 .. n-1``.
 """
@@ -144,6 +154,7 @@ class Fit:
     r2: float
     max_abs: float
     converged: bool = True  # False: the optimiser stopped at its iteration limit (the fit is used, and said so)
+    cov: np.ndarray | None = None  # the parameters' covariance (the same estimate as ``stderr``)
 
     def to_json(self) -> dict:
         return {
@@ -154,6 +165,7 @@ class Fit:
             "r2": self.r2,
             "max_abs_residual": self.max_abs,
             "converged": self.converged,
+            "cov": None if self.cov is None else [[float(v) for v in row] for row in self.cov],
         }
 
     @classmethod
@@ -164,12 +176,26 @@ class Fit:
             fit = cls(
                 params, stderr, int(d["points"]), float(d["rmse"]), float(d["r2"]), float(d["max_abs_residual"]),
                 bool(d.get("converged", True)),
+                None if d.get("cov") is None else np.array(d["cov"], dtype=float),
             )  # fmt: skip
         except (KeyError, TypeError, ValueError) as exc:
             raise LawError(f"{where}: not a fitted law ({exc!r})") from exc
         if not np.all(np.isfinite(params)):
             raise LawError(f"{where}: a parameter is not finite")
+        if fit.cov is not None and fit.cov.shape != (len(NAMES), len(NAMES)):
+            raise LawError(f"{where}: cov must be {len(NAMES)}x{len(NAMES)}, not {fit.cov.shape}")
         return fit
+
+    def sd(self, a: Areas) -> np.ndarray:
+        r"""The prediction's standard error at each of ``a``'s evaluations, from the parameters' covariance by the
+        delta method: :math:`\sqrt{g^\top \Sigma g}` with :math:`g` the law's gradient there (``jacobian``). NaN
+        for a law written without its covariance; infinite where the fit could not pin a parameter down."""
+        if self.cov is None:
+            return np.full(len(a.batches), math.nan)
+        g = jacobian(self.params, a)
+        with np.errstate(invalid="ignore", over="ignore"):
+            var = np.einsum("ij,jk,ik->i", g, self.cov, g)
+        return np.sqrt(np.where(np.isnan(var), math.inf, np.clip(var, 0.0, None)))
 
 
 def fit(runs: list[tuple[Areas, np.ndarray]], starts: int = 8, seed: int = 0) -> Fit:
@@ -237,12 +263,13 @@ def fit(runs: list[tuple[Areas, np.ndarray]], starts: int = 8, seed: int = 0) ->
     dof = max(1, len(r) - len(NAMES))
     try:
         cov = np.linalg.pinv(best.jac.T @ best.jac) * float(r @ r) / dof
-        stderr = np.sqrt(np.clip(np.diag(cov), 0.0, None))
     except np.linalg.LinAlgError:
-        stderr = np.full(len(NAMES), math.inf)
+        cov = np.full((len(NAMES), len(NAMES)), math.inf)
+    stderr = np.sqrt(np.clip(np.diag(cov), 0.0, None))
     total = float(((y - y.mean()) ** 2).sum())
     r2 = 1.0 - float(r @ r) / total if total > 0 else 1.0
-    return Fit(best.x, stderr, len(y), float(np.sqrt(np.mean(r**2))), r2, float(np.abs(r).max()), best.status > 0)
+    rmse, worst = float(np.sqrt(np.mean(r**2))), float(np.abs(r).max())
+    return Fit(best.x, stderr, len(y), rmse, r2, worst, best.status > 0, cov)
 
 
 def _better(res, best) -> bool:

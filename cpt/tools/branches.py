@@ -141,11 +141,12 @@ def _law_lines(found: dict) -> list[str]:
         "",
         "The CPT law (`cpt predict`) fitted on the trunk and the branch that ends with it, predicting the cosine run:",
         "",
-        "| domain | error at the end | mean abs. error | the fitted runs' ends differ by |",
-        "|---|---|---|---|",
+        "| domain | error at the end | mean abs. error | the fitted runs' ends differ by | the prediction's s.e. |",
+        "|---|---|---|---|---|",
     ]
     for key, v in found.items():
-        lines.append(f"| {key.split('/')[0]} | {v['final_error']:+.4f} | {v['mae']:.4f} | {v['spread']:.4f} |")
+        cells = f"{v['final_error']:+.4f} | {v['mae']:.4f} | {v['spread']:.4f} | {v['sd_end']:.2g}"
+        lines.append(f"| {key.split('/')[0]} | {cells} |")
     return lines + [""]
 
 

@@ -19,6 +19,7 @@ import csv
 import itertools
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -54,6 +55,9 @@ def curves_of(run: report.Run, where: str) -> RunCurves:
     missing = [b for b in range(last) if b not in logged]
     if missing:
         raise law.LawError(f"{where}: the LR of batch {missing[0]} is not logged: the law needs every batch's LR")
+    bad = [b for b in range(last) if not (math.isfinite(logged[b]) and logged[b] >= 0)]
+    if bad:
+        raise law.LawError(f"{where}: the LR of batch {bad[0]} is {logged[bad[0]]!r}, not a finite non-negative number")
     return RunCurves(run.label, np.array([logged[b] for b in range(last)], dtype=float), _losses(run, 0, last))
 
 
@@ -154,9 +158,14 @@ def extrapolation(fitted: float, lrs: np.ndarray) -> str | None:
 
 def predicted(fits: dict[str, law.Fit], pre: law.Pretrain, lrs: np.ndarray) -> dict[str, np.ndarray]:
     """Every domain's predicted loss after 0 .. len(lrs) batches."""
-    batches = np.arange(len(lrs) + 1)
-    a = law.areas(lrs, batches, pre)
+    a = law.areas(lrs, np.arange(len(lrs) + 1), pre)
     return {k: law.predict(f.params, a) for k, f in fits.items()}
+
+
+def predicted_sd(fits: dict[str, law.Fit], pre: law.Pretrain, lrs: np.ndarray) -> dict[str, np.ndarray]:
+    """Every domain's prediction's standard error after 0 .. len(lrs) batches (``law.Fit.sd``)."""
+    a = law.areas(lrs, np.arange(len(lrs) + 1), pre)
+    return {k: f.sd(a) for k, f in fits.items()}
 
 
 def candidate_lrs(yaml_path: str, overrides: list[str]) -> tuple[np.ndarray, object]:
@@ -174,35 +183,41 @@ def curve(law_path: str, yaml_path: str, overrides: list[str], out: str) -> dict
     lrs, checked = candidate_lrs(yaml_path, overrides)
     if warning := extrapolation(fitted, lrs):
         print(f"warning: {warning}")
-    curves = predicted(fits, pre, lrs)
+    curves, sds = predicted(fits, pre, lrs), predicted_sd(fits, pre, lrs)
     os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
     with open(out + ".csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["batch", "lr", *curves])
+        w.writerow(["batch", "lr", *(c for k in curves for c in (k, f"{k} sd"))])
         for b in range(len(lrs) + 1):
-            w.writerow([b, lrs[b] if b < len(lrs) else "", *(f"{curves[k][b]:.6f}" for k in curves)])
+            cells = (f"{v[b]:.6f}" for k in curves for v in (curves[k], sds[k]))
+            w.writerow([b, lrs[b] if b < len(lrs) else "", *cells])
     measured = None
     run_dir = os.path.join(checked.section.run_dir, checked.run_name)
     if os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
         measured = read_run(run_dir)
-    _draw_curves(curves, measured, out + ".png", checked.run_name)
-    return curves
+    _draw_curves(curves, sds, measured, out + ".png", checked.run_name)
+    return curves, sds
 
 
-def _draw_curves(curves: dict[str, np.ndarray], measured: RunCurves | None, path: str, title: str) -> None:
+def _draw_curves(
+    curves: dict[str, np.ndarray], sds: dict[str, np.ndarray], measured: RunCurves | None, path: str, title: str
+) -> None:
     from cpt.tools.figures import pyplot, save
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for i, (key, y) in enumerate(sorted(curves.items())):
         color = f"C{i % 10}"
-        ax.plot(np.arange(len(y)), y, color=color, label=f"{key} (law)")
+        x = np.arange(len(y))
+        ax.plot(x, y, color=color, label=f"{key} (law)")
+        band = np.where(np.isfinite(sds[key]), 2 * sds[key], np.nan)
+        ax.fill_between(x, y - band, y + band, color=color, alpha=0.15, linewidth=0)
         if measured is not None and key in measured.losses:
             b, v = measured.losses[key]
             ax.plot(b, v, "o", color=color, markersize=3, label=f"{key} (measured)")
     ax.set_xlabel("batch")
     ax.set_ylabel("loss (nats per token)")
-    ax.set_title(f"{title}: the CPT law's prediction")
+    ax.set_title(f"{title}: the CPT law's prediction (band: 2 standard errors)")
     ax.legend(fontsize=7)
     save(fig, path)
 
@@ -238,9 +253,11 @@ def sweep(
     rows = []
     for combo in itertools.product(*axes):
         lrs, _ = candidate_lrs(yaml_path, [*overrides, *combo])
-        curves = predicted({k: fits[k] for k in (upstream, downstream)}, pre, lrs)
+        pair = {k: fits[k] for k in (upstream, downstream)}
+        curves, sds = predicted(pair, pre, lrs), predicted_sd(pair, pre, lrs)
         up, down = float(curves[upstream][-1]), float(curves[downstream][-1])
         rows.append({"candidate": " ".join(combo), "upstream": up, "downstream": down,
+                     "upstream_sd": float(sds[upstream][-1]), "downstream_sd": float(sds[downstream][-1]),
                      "score": weight * up + (1 - weight) * down,
                      "extrapolated": extrapolation(fitted, lrs) is not None})  # fmt: skip
     for r in rows:
@@ -305,18 +322,21 @@ def branch_curves(trunk: RunCurves, branch_path: str, at: int) -> RunCurves:
 
 def predict_held(fitted: list[RunCurves], target: RunCurves, pre: law.Pretrain, keys: list[str]) -> dict[str, dict]:
     """Fit on ``fitted``, predict ``target``'s evaluations per domain: the error at the end, the mean absolute
-    error over the curve, the spread of the fitted runs' final losses and the fit's R²."""
+    error over the curve, the spread of the fitted runs' final losses, the fit's R², and the prediction's own
+    standard error at the end (``law.Fit.sd``)."""
     out = {}
     for key in keys:
         f = law.fit([(law.areas(c.lrs, c.losses[key][0], pre), c.losses[key][1]) for c in fitted])
         batches, measured = target.losses[key]
-        guess = law.predict(f.params, law.areas(target.lrs, batches, pre))
+        a = law.areas(target.lrs, batches, pre)
+        guess = law.predict(f.params, a)
         finals = [c.losses[key][1][-1] for c in fitted]
         out[key] = {
             "final_error": float(guess[-1] - measured[-1]),
             "mae": float(np.mean(np.abs(guess - measured))),
             "spread": float(max(finals) - min(finals)),
             "r2_fit": f.r2,
+            "sd_end": float(f.sd(a)[-1]),
         }
     return out
 

@@ -219,14 +219,14 @@ def law_check(work: str, labels: list[str]) -> tuple[dict, list[str]]:
             out[held] = leave_one_out(runs, held, pretrain, ["upstream/all", "downstream/all"])
         except LawError as exc:
             out[held] = {"refused": str(exc)}
-            rows.append(f"| {held} | the fit was refused: {exc} | | | |")
+            rows.append(f"| {held} | the fit was refused: {exc} | | | | |")
             continue
         for key, r in out[held].items():
             ok = abs(r["final_error"]) <= LAW_GOAL and abs(r["final_error"]) <= r["spread"] / 4
             r["held"] = ok
             rows.append(
                 f"| {held} | {key.split('/')[0]} | {r['final_error']:+.4f} | {r['mae']:.4f} | {r['spread']:.4f} | "
-                f"{'yes' if ok else 'NO'} |"
+                f"{r['sd_end']:.2g} | {'yes' if ok else 'NO'} |"
             )
     verdicts = [r.get("held", False) for v in out.values() for r in v.values() if isinstance(r, dict)]
     lines = [
@@ -236,8 +236,9 @@ def law_check(work: str, labels: list[str]) -> tuple[dict, list[str]]:
         "`cpt predict` fitted on two of the runs (and the pre-training's LRs) predicts the third's whole curve. Goal: "
         f"the final-loss error within {LAW_GOAL} nats and within a quarter of the fitted runs' spread.",
         "",
-        "| predicted run | domain | error at the end | mean abs. error | spread of the fitted runs' ends | goal |",
-        "|---|---|---|---|---|---|",
+        "| predicted run | domain | error at the end | mean abs. error | spread of the fitted runs' ends "
+        "| the prediction's s.e. | goal |",
+        "|---|---|---|---|---|---|---|",
         *rows,
         "",
         f"The goal held for {sum(verdicts)} of {len(verdicts)} predictions"
