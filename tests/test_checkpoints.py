@@ -10,10 +10,9 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
+import prewarmed
 import pytest
 import torch
 
@@ -64,14 +63,8 @@ def save_sharded(tmp: Path, save_folder: str, batch: int, fault_rank: int | None
             "MASTER_PORT": str(port),
             faults.ENV: f"upload:{batch}" if rank == fault_rank else "",
         }
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-c", RANK, str(tmp / "staging"), save_folder, str(batch)],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
+        procs.append(  # forked from the prewarmed server (tests/prewarmed.py)
+            prewarmed.shared().launch(["-c", RANK, str(tmp / "staging"), save_folder, str(batch)], str(tmp), env)
         )
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     return [(p.returncode, out) for p, out in zip(procs, outputs)]

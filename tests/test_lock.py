@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import os
 import time
 
+import prewarmed
 import pytest
 
 from cpt.io import storage
@@ -52,11 +52,13 @@ def test_an_error_escaping_a_background_thread_is_logged(caplog):
 
 
 RACER = """
-import sys, time
+import os, sys, time
 from cpt.run import lock
 base, trials = sys.argv[1], int(sys.argv[2])
 print("ready", flush=True)
-start = float(sys.stdin.readline())  # once every racer has imported the stack
+while not os.path.exists(sys.argv[3]):  # the start time, written once every racer has imported the stack
+    time.sleep(0.01)
+start = float(open(sys.argv[3]).read())
 for k in range(trials):
     while time.time() < start + GAP * k:  # every racer is released at the same instant
         time.sleep(0.0005)
@@ -73,17 +75,14 @@ def test_of_launches_released_together_exactly_one_takes_the_lock(where, tmp_pat
     base = str(tmp_path / "runs") if where == "local" else f"{s3_bucket}/runs"
     trials, racers, gap = 10, 4, 0.5
     code = RACER.replace("GAP", str(gap))
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", code, base, str(trials)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
+    go = tmp_path / "start"
+    procs = [  # real processes, forked from the prewarmed server (tests/prewarmed.py): no import to wait for
+        prewarmed.shared().launch(["-c", code, base, str(trials), str(go)], cwd=str(tmp_path), env=dict(os.environ))
         for _ in range(racers)
     ]
     assert [p.stdout.readline().strip() for p in procs] == ["ready"] * racers
-    start = time.time() + 0.5
-    for p in procs:
-        p.stdin.write(f"{start}\n")
-        p.stdin.flush()
+    (tmp_path / "start.part").write_text(str(time.time() + 0.5))
+    os.replace(tmp_path / "start.part", go)
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     takes = {k: 0 for k in range(trials)}

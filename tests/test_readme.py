@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import prewarmed
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +64,13 @@ def run(cmd: list[str], cwd: Path, env: dict | None = None) -> str:
     proc = subprocess.run(cmd, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True)
     assert proc.returncode == 0, f"{shlex.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
+
+
+def cpt(args: list[str], cwd: Path) -> str:
+    """``cpt ARGS``: ``python -m cpt.cli ARGS``, forked from the prewarmed server (``tests/prewarmed.py``)."""
+    code, out = prewarmed.run(["-m", "cpt.cli", *args], cwd=str(cwd), env=dict(os.environ))
+    assert code == 0, f"cpt {shlex.join(args)}\n{out[-6000:]}"
+    return out
 
 
 def test_every_readme_command_is_handled():
@@ -160,9 +168,9 @@ def test_readme_workflow(tmp_path, s3_bucket):
                 "cpt.num_workers=0",
                 "max_duration=8ba",
             ]
-            run([sys.executable, "-m", "cpt.cli", *argv[1:], *args], tmp_path)
+            cpt([*argv[1:], *args], tmp_path)
         else:
-            run([sys.executable, "-m", "cpt.cli", *argv[1:]], tmp_path)
+            cpt(argv[1:], tmp_path)
         done.append(argv[0] if argv[0] != "cpt" else f"cpt {argv[1]}")
 
     assert done.count("python") == 4 and "composer" in done and {"cpt report", "cpt export"} <= set(done)
