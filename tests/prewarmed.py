@@ -31,7 +31,10 @@ import sys
 import tempfile
 import threading
 
-PRELOAD = ("cpt.train", "llmfoundry.command_utils", "cpt.run.plan", "composer.trainer", "transformers")
+PRELOAD = (
+    "cpt.train", "llmfoundry.command_utils", "cpt.run.plan", "composer.trainer", "transformers", "cpt.data.convert",
+    "cpt.data.file_task", "streaming",
+)  # fmt: skip
 
 
 class Launch:
@@ -51,6 +54,9 @@ class Launch:
             self._buf += chunk
         line, self._buf = self._buf.split(b"\n", 1)
         return line.decode()
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
 
     def poll(self) -> int | None:
         if self.returncode is None:
@@ -105,7 +111,8 @@ class Server:
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def launch(self, argv: list[str], cwd: str, env: dict[str, str]) -> Launch:
-        """``argv`` as after the interpreter: ``["-m", module, *args]`` or ``["-c", code, *args]``."""
+        """``argv`` as after the interpreter: ``["-m", module, *args]``, ``["-c", code, *args]`` or
+        ``[script.py, *args]``."""
         if self.proc is None:
             self.start()
         read_fd, write_fd = os.pipe()
@@ -205,6 +212,11 @@ def _become(request: dict, out_fd: int) -> None:
     os.environ.update(request["env"])
     tempfile.tempdir = None  # read TMPDIR again
     random.seed()
+    if request["argv"][0].endswith(".py"):  # python SCRIPT ARGS
+        sys.argv = request["argv"]
+        sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))
+        runpy.run_path(sys.argv[0], run_name="__main__")
+        return
     flag, target, *args = request["argv"]
     sys.path[0] = os.getcwd() if flag == "-m" else ""  # as the interpreter sets it (not this file's folder)
     if flag == "-m":

@@ -14,6 +14,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
+import prewarmed
 import pytest
 
 from cpt.data import manifest as mf
@@ -206,16 +207,11 @@ def test_killed_conversion_resumes_identically(tmp_path, tokenizer_path):
         "--no-progress",
     ]
     env = {**os.environ, "CPT_CACHE": str(tmp_path / "cache-a")}
-    subprocess.run(cmd + ["--output", str(tmp_path / "ref")], env=env, check=True, capture_output=True)
+    code, log = prewarmed.run([*cmd[1:], "--output", str(tmp_path / "ref")], str(tmp_path), env)
+    assert code == 0, log[-3000:]
 
     env["CPT_CACHE"] = str(tmp_path / "cache-b")
-    proc = subprocess.Popen(
-        cmd + ["--output", str(tmp_path / "killed")],
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = prewarmed.shared().launch([*cmd[1:], "--output", str(tmp_path / "killed")], str(tmp_path), env)
     deadline = time.time() + 120
     markers = tmp_path / "killed" / "train" / ".convert"  # a finished file's marker, next to its output
     while time.time() < deadline and len(list(markers.glob("*.json"))) < 2:
@@ -224,10 +220,8 @@ def test_killed_conversion_resumes_identically(tmp_path, tokenizer_path):
     proc.wait()
     done = len(list(markers.glob("*.json")))
     assert 2 <= done < 8, f"the kill should land mid-way, {done} of 8 files were done"
-    rerun = subprocess.run(
-        cmd + ["--output", str(tmp_path / "killed")], env=env, check=True, capture_output=True, text=True
-    )
-    assert f"{done} of 8 files reused" in rerun.stdout
+    code, log = prewarmed.run([*cmd[1:], "--output", str(tmp_path / "killed")], str(tmp_path), env)
+    assert code == 0 and f"{done} of 8 files reused" in log, log[-3000:]
     assert _tree_digest(tmp_path / "ref") == _tree_digest(tmp_path / "killed")
     assert not markers.exists() or not any(markers.iterdir())  # a complete split keeps no markers
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+import prewarmed
 import pytest
 
 from cpt.data import synthetic
@@ -64,6 +64,12 @@ def run(corpus: str, out: str, **kw):
     )
 
 
+def convert_cli(cmd: list[str], env: dict) -> tuple[int, str]:
+    """``python convert/pile.py ...`` to its end, forked from the prewarmed server (``tests/prewarmed.py``): its exit
+    code and its output (stdout and stderr together)."""
+    return prewarmed.run(cmd[1:], cwd=os.getcwd(), env=env, timeout=600)
+
+
 def cli(corpus: str, out: str, *extra: str, env: dict | None = None, **popen) -> list[str]:
     cmd = [sys.executable, str(ROOT / "convert" / "pile.py"), "--input", corpus, "--output", out, "--split", "train"]
     return cmd + [
@@ -110,10 +116,8 @@ def test_a_worker_killed_mid_task_is_retried_and_the_bytes_are_the_same(corpus, 
     out = corpus.replace("/raw/*", "/ray-worker-killed")
     flag = tmp_path / "killed-once"
     env = {**os.environ, FAULT: f"3:{flag}"}  # the worker converting file 3 dies after writing part of it
-    proc = subprocess.run(
-        cli(corpus, out, "--engine", "ray", "--ray-address", cluster), env=env, capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, log = convert_cli(cli(corpus, out, "--engine", "ray", "--ray-address", cluster), env)
+    assert code == 0, log[-3000:]
     assert flag.exists(), "the fault never fired"
     assert tree(out) == reference[1]
 
@@ -122,7 +126,7 @@ def test_a_killed_driver_relaunched_reuses_the_finished_tasks(corpus, reference,
     out = corpus.replace("/raw/*", "/ray-driver-killed")
     args = cli(corpus, out, "--engine", "ray", "--ray-address", cluster)
     markers = storage.join(out, "train", MARKERS)
-    proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = prewarmed.shared().launch(args[1:], cwd=os.getcwd(), env=dict(os.environ))  # its own session
     deadline = time.time() + 120
     while time.time() < deadline and len(storage.list_prefix(markers)) < 2 and proc.poll() is None:
         time.sleep(0.05)
@@ -130,9 +134,9 @@ def test_a_killed_driver_relaunched_reuses_the_finished_tasks(corpus, reference,
     proc.wait()
     done = len(storage.list_prefix(markers))
     assert 2 <= done < FILES, f"the kill should land mid-way: {done} of {FILES} files were done"
-    rerun = subprocess.run(args, capture_output=True, text=True)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"{done} of {FILES} files reused from a previous run (ray engine)" in rerun.stdout
+    code, log = convert_cli(args, dict(os.environ))
+    assert code == 0, log[-3000:]
+    assert f"{done} of {FILES} files reused from a previous run (ray engine)" in log
     assert tree(out) == reference[1]
 
 
@@ -143,10 +147,8 @@ def test_a_bad_line_stops_ray_as_it_stops_the_local_engine(cluster, s3_bucket, t
     got = {}
     for engine in ("local", "ray"):
         extra = ["--engine", engine] + (["--ray-address", cluster] if engine == "ray" else ["--workers", "1"])
-        proc = subprocess.run(
-            cli(f"{s3_bucket}/bad/*", f"{s3_bucket}/out-{engine}", *extra), capture_output=True, text=True
-        )
-        got[engine] = (proc.returncode, proc.stderr.strip().splitlines()[-1])
+        code, log = convert_cli(cli(f"{s3_bucket}/bad/*", f"{s3_bucket}/out-{engine}", *extra), dict(os.environ))
+        got[engine] = (code, log.strip().splitlines()[-1])
     assert got["ray"] == got["local"]
     assert got["ray"][0] == 2 and f"{s3_bucket}/bad/b.jsonl:2" in got["ray"][1] and "'text' is int" in got["ray"][1]
     # counted, not stopped, under --skip-bad-lines: the same counts on both engines

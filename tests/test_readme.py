@@ -11,8 +11,6 @@ import json
 import os
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import prewarmed
@@ -58,12 +56,6 @@ def readme_commands() -> list[str]:
         if line and not line.startswith("#"):
             commands.append(re.sub(r"\s+", " ", line))
     return commands
-
-
-def run(cmd: list[str], cwd: Path, env: dict | None = None) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{shlex.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout
 
 
 def cpt(args: list[str], cwd: Path) -> str:
@@ -145,8 +137,9 @@ def test_readme_workflow(tmp_path, s3_bucket):
             cmd = cmd.replace(old, new)
         argv = shlex.split(cmd)
         argv = [str(ROOT / a) if (ROOT / a).exists() and "/" in a else a for a in argv]  # repo paths, from tmp
-        if argv[0] == "python":
-            run([sys.executable, *argv[1:]], tmp_path)
+        if argv[0] == "python":  # forked from the prewarmed server, as the cpt commands
+            code, out = prewarmed.run(argv[1:], cwd=str(tmp_path), env=dict(os.environ))
+            assert code == 0, f"{cmd}\n{out[-6000:]}"
         elif argv[0] == "composer":  # -n 8 needs 8 GPUs: expand the same config as 8 ranks would, and stop there
             from cpt import config
             from cpt.run.plan import Plan
