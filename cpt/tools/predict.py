@@ -253,11 +253,12 @@ def sweep(
     rows = []
     for combo in itertools.product(*axes):
         lrs, _ = candidate_lrs(yaml_path, [*overrides, *combo])
-        pair = {k: fits[k] for k in (upstream, downstream)}
-        curves, sds = predicted(pair, pre, lrs), predicted_sd(pair, pre, lrs)
-        up, down = float(curves[upstream][-1]), float(curves[downstream][-1])
+        end = law.areas(lrs, np.array([len(lrs)]), pre)  # only the final loss ranks a candidate
+        (up, up_sd), (down, down_sd) = (
+            (float(law.predict(fits[k].params, end)[0]), float(fits[k].sd(end)[0])) for k in (upstream, downstream)
+        )
         rows.append({"candidate": " ".join(combo), "upstream": up, "downstream": down,
-                     "upstream_sd": float(sds[upstream][-1]), "downstream_sd": float(sds[downstream][-1]),
+                     "upstream_sd": up_sd, "downstream_sd": down_sd,
                      "score": weight * up + (1 - weight) * down,
                      "extrapolated": extrapolation(fitted, lrs) is not None})  # fmt: skip
     for r in rows:
