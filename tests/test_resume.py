@@ -423,7 +423,8 @@ def test_a_killed_launchs_spawned_helpers_are_stopped(tmp_path):
 
 def test_a_second_run_on_the_host_leaves_the_first_runs_shared_memory_alone(setup, monkeypatch):
     """Two runs on one machine (two single-GPU jobs of a sweep): the second one's start-up removes only stale
-    segments, not the live run's (streaming's ``clean_stale_shared_memory`` unlinked those), and both finish."""
+    segments, not the live run's (streaming's ``clean_stale_shared_memory`` unlinked those); the second finishes,
+    and the first keeps training after it."""
     tmp = setup / "tmp-shm"  # streaming skips prefixes whose file locks are in the temp folder: start at 0
     tmp.mkdir(exist_ok=True)
     monkeypatch.setenv("TMPDIR", str(tmp))
@@ -442,7 +443,12 @@ def test_a_second_run_on_the_host_leaves_the_first_runs_shared_memory_alone(setu
     gone = sorted(n for n, ino in mine.items() if now.get(n) != ino)
     assert not gone, f"the second run removed the live first run's shared memory: {gone}"
     second.finish()
-    first.finish()
+    # the first run trains on past the second's whole life: 8 more batches, then it is stopped (not its end to wait)
+    trained = log.read_text().count('"batch"')
+    wait_for(lambda: log.read_text().count('"batch"') >= trained + 8 or first.proc.poll() is not None, "8 batches")
+    assert first.proc.poll() is None and log.read_text().count('"batch"') >= trained + 8
+    os.killpg(first.proc.pid, signal.SIGKILL)
+    first.proc.wait()
 
 
 def test_only_unmapped_streaming_segments_are_stale(tmp_path):
