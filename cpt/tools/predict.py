@@ -156,16 +156,12 @@ def extrapolation(fitted: float, lrs: np.ndarray) -> str | None:
     return None
 
 
-def predicted(fits: dict[str, law.Fit], pre: law.Pretrain, lrs: np.ndarray) -> dict[str, np.ndarray]:
-    """Every domain's predicted loss after 0 .. len(lrs) batches."""
+def predicted(
+    fits: dict[str, law.Fit], pre: law.Pretrain, lrs: np.ndarray
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Every domain's predicted loss after 0 .. len(lrs) batches, and its standard error (``law.Fit.sd``)."""
     a = law.areas(lrs, np.arange(len(lrs) + 1), pre)
-    return {k: law.predict(f.params, a) for k, f in fits.items()}
-
-
-def predicted_sd(fits: dict[str, law.Fit], pre: law.Pretrain, lrs: np.ndarray) -> dict[str, np.ndarray]:
-    """Every domain's prediction's standard error after 0 .. len(lrs) batches (``law.Fit.sd``)."""
-    a = law.areas(lrs, np.arange(len(lrs) + 1), pre)
-    return {k: f.sd(a) for k, f in fits.items()}
+    return {k: law.predict(f.params, a) for k, f in fits.items()}, {k: f.sd(a) for k, f in fits.items()}
 
 
 def candidate_lrs(yaml_path: str, overrides: list[str]) -> tuple[np.ndarray, object]:
@@ -183,7 +179,7 @@ def curve(law_path: str, yaml_path: str, overrides: list[str], out: str) -> dict
     lrs, checked = candidate_lrs(yaml_path, overrides)
     if warning := extrapolation(fitted, lrs):
         print(f"warning: {warning}")
-    curves, sds = predicted(fits, pre, lrs), predicted_sd(fits, pre, lrs)
+    curves, sds = predicted(fits, pre, lrs)
     os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
     with open(out + ".csv", "w", newline="") as fh:
         w = csv.writer(fh)
@@ -303,7 +299,7 @@ def overlay(runs: list[report.Run], law_path: str) -> dict[str, dict[str, np.nda
         except law.LawError as exc:
             log.warning("no CPT law curve for %s: %s", run.label, exc)
             continue
-        curves = predicted({k: fits[k] for k in datasets.values()}, pre, lrs)
+        curves, _ = predicted({k: fits[k] for k in datasets.values()}, pre, lrs)
         out[run.label] = {ds: curves[k] for ds, k in datasets.items()}
     return out
 
