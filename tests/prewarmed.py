@@ -144,13 +144,19 @@ def shared() -> Server:
 
 def _receive(conn: socket.socket) -> tuple[dict, int]:
     head, fds, _, _ = socket.recv_fds(conn, 8, 1)
-    while len(head) < 8:
-        head += conn.recv(8 - len(head))
+    head += _exactly(conn, 8 - len(head))
     (size,) = struct.unpack("!Q", head)
-    body = b""
-    while len(body) < size:
-        body += conn.recv(size - len(body))
-    return json.loads(body), fds[0]
+    return json.loads(_exactly(conn, size)), fds[0]
+
+
+def _exactly(conn: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("a launch request ended early")
+        data += chunk
+    return data
 
 
 def _serve(path: str):
@@ -172,7 +178,11 @@ def _serve(path: str):
                     return None
             elif ready is listener:
                 conn, _ = listener.accept()
-                request, out_fd = _receive(conn)
+                try:
+                    request, out_fd = _receive(conn)
+                except (ConnectionError, ValueError, IndexError):  # a broken request: the server stays up
+                    conn.close()
+                    continue
                 pid = os.fork()
                 if pid == 0:
                     listener.close()
